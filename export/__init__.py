@@ -1,0 +1,1 @@
+"""rdedge export: training run -> bundle (ONNX parts, TensorRT engines, manifest.json). Imports training and runtime."""

@@ -1,0 +1,205 @@
+"""The bundle: the only contract between ``export`` (writer) and ``runtime`` (reader).
+
+A bundle is a directory::
+
+    manifest.json        this schema (versioned)
+    teacher.onnx         image -> f1, f2, f3              (frozen ImageNet teacher)
+    projection.onnx      f1, f2, f3 -> p1, p2, p3         (identity or trained projection)
+    ocbe.onnx            p1, p2, p3 -> z                  (one-class bottleneck embedding)
+    decoder.onnx         z -> d1, d2, d3                  (student)
+    score.onnx           f1, f2, f3, d1, d2, d3 -> anomaly_map (B,1,H,W), score (B,)   (always FP32)
+    model.onnx           optional fused graph image -> anomaly_map, score
+    engines/*.engine     optional TensorRT engines, keyed by TensorRT version, GPU name and ONNX sha256
+
+Parts run in ``chain`` order; each part reads its inputs by name from the tensors produced so far, so the runtime
+can keep every intermediate tensor on the device. Export writes ``manifest.json`` through :func:`write_manifest`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from runtime.errors import BundleError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+CHAIN = ("teacher", "projection", "ocbe", "decoder", "score")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    """A named tensor; ``-1`` in ``shape`` marks the dynamic batch axis."""
+
+    name: str
+    shape: list[int]
+    dtype: Literal["float32", "float16"] = "float32"
+
+
+class PartSpec(_Strict):
+    """One ONNX graph of the chain."""
+
+    name: str = Field(..., description="teacher | projection | ocbe | decoder | score | fused")
+    file: str = Field(..., description="ONNX file, relative to the bundle")
+    precision: Literal["fp32", "fp16"] = Field("fp32", description="precision the ONNX graph's weights are stored in")
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+class EngineSpec(_Strict):
+    """A TensorRT engine built for one part on one device."""
+
+    part: str
+    file: str = Field(..., description="engine file, relative to the bundle")
+    precision: Literal["fp32", "fp16"]
+    tensorrt_version: str
+    gpu_name: str
+    onnx_sha256: str = Field(..., description="sha256 of the ONNX file the engine was built from")
+    max_batch: int = Field(1, ge=1)
+
+
+class InputSpec(_Strict):
+    name: str = "image"
+    height: int = Field(..., gt=0)
+    width: int = Field(..., gt=0)
+    channels: Literal[3] = 3
+    layout: Literal["NCHW"] = "NCHW"
+    dtype: Literal["float32"] = "float32"
+    max_batch: int = Field(1, ge=1)
+
+
+class PreprocessSpec(_Strict):
+    """Frame (uint8 BGR, as OpenCV decodes) -> model input. Training uses the same steps.
+
+    Steps: grey -> 3 channels; BGR -> ``color``; ``cv2.resize`` to (width, height) with ``interpolation``;
+    float32 * ``scale``; ``(x - mean) / std`` per channel; HWC -> CHW; add batch axis.
+    """
+
+    color: Literal["rgb", "bgr"] = "rgb"
+    interpolation: Literal["linear", "area", "nearest", "cubic"] = "linear"
+    scale: float = 1.0 / 255.0
+    mean: list[float] = Field(..., min_length=3, max_length=3)
+    std: list[float] = Field(..., min_length=3, max_length=3)
+
+
+class ThresholdSpec(_Strict):
+    """The OK/NG threshold on the image score and how it was set."""
+
+    value: float = Field(..., description="score >= value -> NG")
+    rule: str = Field(..., description="e.g. 'quantile+margin' on defect-free validation images")
+    source: str = Field(..., description="which images set it, e.g. 'train/good validation split (n=25)'")
+    stats: dict[str, float] = Field(default_factory=dict, description="statistics behind the rule")
+    f1_optimal: dict[str, float] | None = Field(None, description="threshold, precision, recall, f1 on labelled data")
+
+
+class Manifest(_Strict):
+    """``manifest.json``."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    model_id: str = Field(..., min_length=1)
+    created: str = Field(..., description="ISO 8601 UTC time of export")
+    backbone: str
+    input: InputSpec
+    preprocess: PreprocessSpec
+    parts: list[PartSpec]
+    fused: PartSpec | None = None
+    engines: list[EngineSpec] = Field(default_factory=list)
+    threshold: ThresholdSpec
+    parity: dict[str, float] = Field(default_factory=dict, description="max abs / rel errors vs torch")
+    files: dict[str, str] = Field(..., description="sha256 of every file in the bundle except manifest.json")
+    versions: dict[str, str] = Field(default_factory=dict, description="rdedge, torch, onnx, onnxruntime, tensorrt")
+    extra: dict[str, str | float | int | bool] = Field(default_factory=dict, description="free-form metadata")
+
+    @model_validator(mode="after")
+    def _chain_complete(self) -> Manifest:
+        names = [p.name for p in self.parts]
+        if names != list(CHAIN):
+            raise ValueError(f"parts must be {list(CHAIN)} in that order, got {names}")
+        for spec in [*self.parts, *([self.fused] if self.fused else []), *self.engines]:
+            if spec.file not in self.files:
+                raise ValueError(f"file {spec.file!r} has no sha256 in 'files'")
+        return self
+
+    def part(self, name: str) -> PartSpec:
+        for p in self.parts:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(bundle_dir: str | Path) -> Manifest:
+    """Parse and validate ``manifest.json``; raises :class:`BundleError` naming the file and field."""
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise BundleError(f"bundle directory not found: {bundle_dir}")
+    path = bundle_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(f"{path}: missing (is {bundle_dir} a bundle written by 'rdedge export'?)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: corrupt JSON: {exc}") from None
+    if isinstance(data, dict) and data.get("schema_version") not in (None, SCHEMA_VERSION):
+        raise BundleError(
+            f"{path}: schema_version {data.get('schema_version')!r} is not supported by this runtime "
+            f"(supports {SCHEMA_VERSION}); upgrade rdedge or re-export the bundle"
+        )
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        errs = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors())
+        raise BundleError(f"{path}: invalid manifest: {errs}") from None
+
+
+def verify_files(bundle_dir: str | Path, manifest: Manifest, only: list[str] | None = None) -> None:
+    """Check the sha256 of every listed file (or just ``only``); raises :class:`BundleError` on the first mismatch."""
+    bundle_dir = Path(bundle_dir)
+    for rel, expected in manifest.files.items():
+        if only is not None and rel not in only:
+            continue
+        path = bundle_dir / rel
+        if not path.is_file():
+            raise BundleError(f"{path}: listed in manifest.json but missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise BundleError(
+                f"{path}: sha256 mismatch (manifest {expected[:12]}..., file {actual[:12]}...): "
+                "the file was changed or corrupted; re-export the bundle"
+            )
+
+
+def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
+    """Read the manifest and (by default) verify every file hash."""
+    manifest = read_manifest(bundle_dir)
+    if verify:
+        verify_files(bundle_dir, manifest)
+    return manifest
+
+
+def write_manifest(bundle_dir: str | Path, manifest: Manifest) -> Path:
+    """Write ``manifest.json`` atomically (temp file + fsync + rename)."""
+    path = Path(bundle_dir) / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(manifest.model_dump_json(indent=2))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path

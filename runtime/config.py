@@ -1,0 +1,237 @@
+"""Runtime service configuration: YAML -> pydantic v2, unknown keys rejected, every field described.
+
+Errors name the field path (``cameras.0.source.kind``) so ``rdedge check-config`` can print exactly what is wrong.
+Secrets (MQTT password) never live in the YAML: they come from an environment variable or a file in systemd's
+``$CREDENTIALS_DIRECTORY``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from runtime.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackendConfig(_Strict):
+    """Which inference backend runs the bundle."""
+
+    kind: Literal["onnxruntime", "tensorrt"] = Field(
+        "onnxruntime", description="onnxruntime (CPU, or CUDA with onnxruntime-gpu) or tensorrt (GPU boxes, Jetson)"
+    )
+    device: Literal["cpu", "cuda"] = Field("cpu", description="onnxruntime execution device; tensorrt is always cuda")
+    threads: int = Field(0, ge=0, le=256, description="CPU threads for onnxruntime; 0 lets it choose")
+    fused: bool = Field(False, description="run the bundle's fused single graph instead of the chained parts")
+    cuda_graph: bool = Field(False, description="tensorrt: capture the chain in a CUDA graph after warm-up")
+    gpu_id: int = Field(0, ge=0, description="CUDA device ordinal")
+
+
+class RoiConfig(_Strict):
+    """Crop applied to every frame before resizing, in source pixels."""
+
+    x: int = Field(..., ge=0, description="left edge")
+    y: int = Field(..., ge=0, description="top edge")
+    width: int = Field(..., gt=0, description="crop width")
+    height: int = Field(..., gt=0, description="crop height")
+
+
+class V4L2Source(_Strict):
+    kind: Literal["v4l2"] = "v4l2"
+    device: int | str = Field(0, description="V4L2 index (0) or device path (/dev/video0)")
+    width: int | None = Field(None, gt=0, description="requested capture width")
+    height: int | None = Field(None, gt=0, description="requested capture height")
+    fps: float | None = Field(None, gt=0, description="requested capture rate")
+
+
+class GStreamerSource(_Strict):
+    kind: Literal["gstreamer"] = "gstreamer"
+    pipeline: str = Field(
+        ...,
+        min_length=1,
+        description="GStreamer pipeline ending in appsink, e.g. Jetson CSI: "
+        "'nvarguscamerasrc ! video/x-raw(memory:NVMM),width=1920,height=1080 ! nvvidconv ! "
+        "video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR ! appsink drop=1 max-buffers=1'",
+    )
+
+
+class RtspSource(_Strict):
+    kind: Literal["rtsp"] = "rtsp"
+    url: str = Field(..., pattern=r"^rtsps?://", description="rtsp:// or rtsps:// URL (credentials may be inline)")
+
+
+class VideoFileSource(_Strict):
+    kind: Literal["video"] = "video"
+    path: Path = Field(..., description="video file readable by OpenCV")
+    loop: bool = Field(False, description="start again at the end instead of stopping")
+    realtime: bool = Field(True, description="pace frames at the file's frame rate (False: as fast as possible)")
+
+
+class FolderSource(_Strict):
+    kind: Literal["folder"] = "folder"
+    path: Path = Field(..., description="folder of images, read in sorted order")
+    loop: bool = Field(False, description="start again after the last image (False: 'once', then the camera ends)")
+    pattern: str = Field("*", description="glob filter, e.g. '*.png'")
+
+
+CameraSource = Annotated[
+    V4L2Source | GStreamerSource | RtspSource | VideoFileSource | FolderSource, Field(discriminator="kind")
+]
+
+
+class CameraConfig(_Strict):
+    """One camera: where frames come from and how often to inspect them."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]+$", description="camera id, used in MQTT topics")
+    source: CameraSource = Field(..., description="frame source; 'kind' selects v4l2/gstreamer/rtsp/video/folder")
+    mode: Literal["continuous", "triggered"] = Field(
+        "continuous", description="continuous: inspect every fresh frame; triggered: inspect on an MQTT trigger"
+    )
+    roi: RoiConfig | None = Field(None, description="optional crop before resizing")
+    max_fps: float | None = Field(None, gt=0, description="inspect at most this many frames per second")
+    no_frame_timeout_s: float = Field(5.0, gt=0, description="report the camera down after this long without a frame")
+    reconnect_initial_s: float = Field(0.5, gt=0, description="first reopen delay after a failure")
+    reconnect_max_s: float = Field(30.0, gt=0, description="cap of the exponential reopen backoff")
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> CameraConfig:
+        if self.reconnect_max_s < self.reconnect_initial_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_initial_s")
+        return self
+
+
+class TlsConfig(_Strict):
+    """TLS to the broker. Paths are read at start-up."""
+
+    ca_file: Path = Field(..., description="CA certificate that signed the broker's certificate")
+    cert_file: Path | None = Field(None, description="client certificate (mutual TLS)")
+    key_file: Path | None = Field(None, description="client private key (mutual TLS)")
+    insecure: bool = Field(False, description="skip hostname verification (test rigs only)")
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        return self
+
+
+class MqttConfig(_Strict):
+    """Broker connection and topic layout: ``<topic_prefix>/<device_id>/...`` (see docs/mqtt.md)."""
+
+    host: str = Field("localhost", min_length=1, description="broker host name or address")
+    port: int = Field(1883, ge=1, le=65535, description="broker port (8883 is usual for TLS)")
+    client_id: str | None = Field(None, description="MQTT client id; default rdedge-<device_id>")
+    device_id: str = Field(
+        "rdedge", pattern=r"^[A-Za-z0-9_-]+$", description="this box's id, the second topic level"
+    )
+    topic_prefix: str = Field("rdedge", pattern=r"^[A-Za-z0-9_/-]+$", description="first topic level(s)")
+    qos: Literal[0, 1, 2] = Field(1, description="QoS of result and alert messages")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive")
+    username: str | None = Field(None, description="broker user name")
+    password_env: str | None = Field(
+        "RDEDGE_MQTT_PASSWORD", description="environment variable holding the password (if set)"
+    )
+    password_credential: str | None = Field(
+        "mqtt-password", description="file name in $CREDENTIALS_DIRECTORY holding the password (systemd LoadCredential)"
+    )
+    tls: TlsConfig | None = Field(None, description="TLS settings; omit for plain TCP")
+    stats_interval_s: float = Field(10.0, gt=0, description="how often to publish <prefix>/<device>/stats")
+    reconnect_max_s: float = Field(30.0, gt=0, description="cap of the broker reconnect backoff")
+    max_inflight: int = Field(20, ge=1, le=65535, description="QoS>0 messages in flight before waiting for PUBACKs")
+
+    def resolve_password(self) -> str | None:
+        """Password from ``$CREDENTIALS_DIRECTORY/<password_credential>`` first, then ``$<password_env>``."""
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if cred_dir and self.password_credential:
+            path = Path(cred_dir) / self.password_credential
+            if path.is_file():
+                return path.read_text(encoding="utf-8").strip()
+        if self.password_env and os.environ.get(self.password_env):
+            return os.environ[self.password_env]
+        return None
+
+
+class SpoolConfig(_Strict):
+    """On-disk SQLite spool: every verdict is written here before it is published, deleted on PUBACK."""
+
+    path: Path = Field(Path("/var/lib/rdedge/spool.sqlite3"), description="SQLite file (StateDirectory under systemd)")
+    max_messages: int = Field(100_000, ge=1, description="bound on queued messages; overflow drops the oldest")
+    max_age_s: float = Field(7 * 24 * 3600.0, gt=0, description="messages older than this are dropped (counted)")
+
+
+class AlertsConfig(_Strict):
+    """What to do with NG verdicts beyond the result message."""
+
+    save_dir: Path | None = Field(None, description="save heatmap overlay JPEGs of NG frames here")
+    max_saved: int = Field(1000, ge=1, description="keep at most this many overlays (oldest deleted)")
+    publish_image: bool = Field(False, description="publish the overlay JPEG on <camera>/alert/image")
+    jpeg_quality: int = Field(85, ge=10, le=100, description="overlay JPEG quality")
+
+
+class LoggingConfig(_Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level (journald)")
+    json_lines: bool = Field(False, description="log one JSON object per line instead of text")
+
+
+class RuntimeConfig(_Strict):
+    """Top level of ``/etc/rdedge/config.yaml``."""
+
+    bundle: Path = Field(..., description="bundle directory written by 'rdedge export'")
+    backend: BackendConfig = Field(default_factory=BackendConfig, description="inference backend")
+    cameras: list[CameraConfig] = Field(..., min_length=1, description="one or more cameras")
+    mqtt: MqttConfig | None = Field(default_factory=MqttConfig, description="broker; null disables publishing")
+    spool: SpoolConfig = Field(default_factory=SpoolConfig, description="at-least-once delivery spool")
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig, description="NG overlays")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="logging")
+    threshold: float | None = Field(None, description="override the bundle's calibrated threshold (score units)")
+
+    @field_validator("cameras")
+    @classmethod
+    def _unique_names(cls, cams: list[CameraConfig]) -> list[CameraConfig]:
+        names = [c.name for c in cams]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"camera names must be unique; repeated: {', '.join(dupes)}")
+        return cams
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per error: ``<file>: <field.path>: <message> (got <value>)``."""
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "<root>"
+        got = err.get("input")
+        shown = repr(got) if not isinstance(got, dict) else "{...}"
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"{source}: {path}: {err['msg']} (got {shown})")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> RuntimeConfig:
+    """Validate an already-parsed mapping; raises :class:`ConfigError` naming every bad field path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return RuntimeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path) -> RuntimeConfig:
+    """Read and validate a YAML config file. Relative paths inside stay relative to the working directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, str(path))
