@@ -1,9 +1,133 @@
-"""Training verbs: ``make-demo-data``, ``train``, ``evaluate``, ``pretrain``. torch is imported when a verb runs."""
+"""Training verbs: ``make-demo-data``, ``train``, ``evaluate`` (``pretrain`` lives in :mod:`training.simclr_cli`).
+
+torch and friends are imported inside each command, so ``rdedge --help`` and the runtime verbs work without them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
+
+from training._deps import require
+
+_BACKBONES = "wide_resnet50_2 (the paper's teacher), resnet18, efficientnet_lite0 (offline default)"
+
+
+def _check_torch() -> None:
+    require("torch", "train", "needed to train and evaluate")
+
+
+def make_demo_data_command(args: argparse.Namespace) -> int:
+    require("cv2", "cpu", "image I/O")
+    from training.demo_data import make_demo_data
+
+    root = make_demo_data(args.dir, n_train=args.n_train, size=args.size, seed=args.seed)
+    print(root)
+    return 0
+
+
+def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="rdedge train")
+    p.add_argument("--data", required=True, type=Path, help="MVTec-layout category (train/good) or a folder of good images")
+    p.add_argument("--out", required=True, type=Path, help="run folder: checkpoints, log.jsonl, config.json")
+    p.add_argument("--config", type=Path, help="YAML training config (command-line options override it)")
+    p.add_argument("--backbone", help=f"teacher: {_BACKBONES}")
+    p.add_argument("--teacher-weights", type=Path, help="local teacher state_dict for offline boxes")
+    p.add_argument("--epochs", type=int, help="passes over the training images (default 200)")
+    p.add_argument("--image-size", type=int, help="square input side, multiple of 32 (default 256)")
+    p.add_argument("--batch-size", type=int, help="images per step (default 16)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 0.005)")
+    p.add_argument("--max-minutes", type=float, help="stop at the end of the epoch that passes this wall time")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="cpu or cuda (default cpu)")
+    p.add_argument("--seed", type=int, help="seed for split, init and shuffling (default 0)")
+    p.add_argument("--aux", type=Path, help="SimCLR run folder ('rdedge pretrain'): train with the auxiliary backbone")
+    p.add_argument("--projection", choices=["identity", "aux", "rdpp"], help="projection stage (default identity)")
+    p.add_argument("--resume", action="store_true", help="continue from checkpoint_last.pt in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    return p
+
+
+def train_command(args: argparse.Namespace) -> int:
+    _check_torch()
+    from training.config import load_train_config
+    from training.train import fit
+
+    projection = args.projection or ("aux" if args.aux else None)
+    overrides = {
+        "model.backbone": args.backbone,
+        "model.teacher_weights": str(args.teacher_weights) if args.teacher_weights else None,
+        "model.projection": projection,
+        "optim.epochs": args.epochs,
+        "optim.batch_size": args.batch_size,
+        "optim.lr": args.lr,
+        "optim.max_minutes": args.max_minutes,
+        "data.image_size": args.image_size,
+        "device": args.device,
+        "seed": args.seed,
+    }
+    cfg = load_train_config(args.config, overrides)
+    best = fit(cfg, args.data, args.out, resume=args.resume, aux_dir=args.aux, show_progress=not args.no_progress)
+    print(best)
+    return 0
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    _check_torch()
+    from training.evaluate import evaluate, format_table
+
+    metrics = evaluate(args.run, args.data, args.report, args.device, args.batch_size, not args.no_progress)
+    print(format_table(metrics))
+    op = metrics.get("at_validation_threshold")
+    if op:
+        print(
+            f"validation threshold {op['threshold']:.5f}: test false-alarm rate {op['false_alarm_rate']:.3f}, "
+            f"recall {op['recall']:.3f}, precision {op['precision']:.3f}"
+        )
+    if args.report:
+        print(f"report: {Path(args.report) / 'index.html'}")
+    if args.json:
+        json.dump(metrics, sys.stdout, indent=2)
+        print()
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the training verbs to the ``rdedge`` parser."""
+    p = sub.add_parser(
+        "make-demo-data",
+        help="write a synthetic MVTec-layout category (the embedded demo and test data)",
+        description="Deterministic synthetic parts with scratches, spots, cracks and missing chunks, exact masks. "
+        "Prints the category folder.",
+    )
+    p.add_argument("dir", type=Path, help="output folder (the category is DIR/synthetic)")
+    p.add_argument("--n-train", type=int, default=60, help="defect-free training images (default 60)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.set_defaults(func=make_demo_data_command)
+
+    p = sub.add_parser(
+        "train",
+        help="train a Reverse Distillation model on defect-free images",
+        description="Train RD (frozen ImageNet teacher -> projection -> OCBE -> student decoder) on the good images. "
+        "10%% of train/good is kept aside for model selection (checkpoint_best.pt = lowest validation loss) and "
+        "for the threshold; the test set is never used.",
+    )
+    train_parser(p)
+    p.set_defaults(func=train_command)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="image AUROC, F1-max, pixel AUROC, AUPRO on the test set, with an HTML report",
+        description="Evaluate a run on DATA/test (MVTec layout). Writes metrics.json to the run folder (and the "
+        "report folder) and prints a table; --report adds ROC, histogram and heatmap overlays with index.html.",
+    )
+    p.add_argument("--run", required=True, type=Path, help="run folder (or checkpoint file) from 'rdedge train'")
+    p.add_argument("--data", required=True, type=Path, help="MVTec-layout category with test/ and ground_truth/")
+    p.add_argument("--report", type=Path, help="report folder (index.html, roc.png, histogram.png, overlays/)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default cpu")
+    p.add_argument("--batch-size", type=int, default=16, help="default 16")
+    p.add_argument("--json", action="store_true", help="also print metrics.json to stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=evaluate_command)

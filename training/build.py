@@ -1,0 +1,54 @@
+"""Build the inference model from a config, and rebuild it from a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from training.backbones import build_teacher, get_spec
+from training.checkpoint import load_checkpoint
+from training.config import TrainConfig, parse_train_config
+from training.errors import CheckpointError
+from training.model import IdentityProjection, ReverseDistillation
+
+
+def build_projection(cfg: TrainConfig) -> nn.Module:
+    """The projection stage between teacher and OCBE for ``cfg.model.projection``."""
+    kind = cfg.model.projection
+    if kind == "identity":
+        return IdentityProjection()
+    from training import projection as proj  # trained projections (SimCLR-aligned heads, RD++)
+
+    return proj.build(kind, get_spec(cfg.model.backbone), cfg.extra)
+
+
+def build_model(cfg: TrainConfig, pretrained: bool | None = None) -> ReverseDistillation:
+    """Teacher (frozen, ImageNet or ``teacher_weights``) + projection + OCBE + decoder."""
+    spec = get_spec(cfg.model.backbone)
+    teacher = build_teacher(
+        cfg.model.backbone,
+        cfg.model.teacher_weights,
+        cfg.model.pretrained if pretrained is None else pretrained,
+    )
+    return ReverseDistillation(teacher, spec, build_projection(cfg))
+
+
+def load_model(run: str | Path) -> tuple[ReverseDistillation, TrainConfig, dict[str, Any]]:
+    """Rebuild the inference model from a run folder or checkpoint file (teacher weights come from the checkpoint).
+
+    Returns:
+        (model in eval mode, its config, the raw checkpoint dict).
+    """
+    ckpt = load_checkpoint(run)
+    cfg = parse_train_config(ckpt["config"], f"{run} (stored config)")
+    model = build_model(cfg, pretrained=False)  # every weight, teacher included, is in the checkpoint
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{run}: checkpoint does not fit the {cfg.model.backbone} architecture "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    model.eval()
+    return model, cfg, ckpt

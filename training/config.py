@@ -1,0 +1,98 @@
+"""Training configuration: pydantic v2 from YAML, unknown keys rejected, errors name the field path.
+
+The validated config is stored in every checkpoint, so any tool can rebuild the model from the checkpoint alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from training.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    image_size: int = Field(256, ge=32, le=2048, description="square input side in pixels (multiple of 32)")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of train/good kept aside for validation")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+
+
+class ModelConfig(_Strict):
+    backbone: str = Field("efficientnet_lite0", description="teacher: wide_resnet50_2 | resnet18 | efficientnet_lite0")
+    teacher_weights: str | None = Field(None, description="local teacher state_dict (offline boxes)")
+    pretrained: bool = Field(True, description="ImageNet teacher weights (False only for tests)")
+    projection: Literal["identity", "aux", "rdpp"] = Field(
+        "identity", description="identity (plain RD) | aux (SimCLR-aligned heads) | rdpp (RD++ projection)"
+    )
+    sigma: float = Field(4.0, ge=0.0, description="Gaussian blur sigma of the anomaly map in pixels")
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(0.005, gt=0, description="Adam learning rate (RD: 0.005)")
+    betas: tuple[float, float] = Field((0.5, 0.999), description="Adam betas (RD: 0.5, 0.999)")
+    batch_size: int = Field(16, ge=1, description="images per step")
+    epochs: int = Field(200, ge=1, description="passes over train/good")
+    max_minutes: float | None = Field(None, gt=0, description="stop after this wall time (end of an epoch)")
+
+
+class TrainConfig(_Strict):
+    """Top-level training config (``rdedge train --config FILE``)."""
+
+    seed: int = Field(0, description="seeds the split, init and shuffling")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="cpu or cuda")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    eval_every: int = Field(1, ge=1, description="validate every N epochs (validation loss on held-out good images)")
+    extra: dict[str, Any] = Field(default_factory=dict, description="settings of the auxiliary / RD++ objectives")
+
+
+def format_errors(exc: ValidationError, source: str) -> str:
+    return "\n".join(
+        f"{source}: {'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']} (got {e.get('input')!r})"
+        for e in exc.errors()
+    )
+
+
+def parse_train_config(data: dict[str, Any], source: str = "<config>") -> TrainConfig:
+    """Validate a mapping; raises ConfigError listing every bad field path."""
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, source)) from None
+
+
+def load_train_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """YAML file (optional) + dotted-key overrides (``{"optim.epochs": 3}``) -> validated config."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data, source = loaded, str(path)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    cfg = parse_train_config(data, source)
+    if cfg.data.image_size % 32:
+        raise ConfigError(f"{source}: data.image_size: must be a multiple of 32 (got {cfg.data.image_size})")
+    return cfg
