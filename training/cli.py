@@ -131,3 +131,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--json", action="store_true", help="also print metrics.json to stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=evaluate_command)
+
+    from training import simclr_cli  # ``pretrain``: SimCLR auxiliary backbone
+
+    simclr_cli.register(sub)
