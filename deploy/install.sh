@@ -79,11 +79,17 @@ note() {
   printf '==> %s\n' "$*"
 }
 
-# Print a step as "+ cmd arg..." (shell-quoted) and run it unless --dry-run.
+# Print a step as "+ cmd arg..." (single-quoted where needed, so it can be pasted) and run it unless --dry-run.
 run() {
-  local quoted
-  printf -v quoted ' %q' "$@"
-  printf '+%s\n' "$quoted"
+  local line="" arg
+  for arg in "$@"; do
+    if [[ $arg =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+      line+=" $arg"
+    else
+      line+=" '${arg//\'/\'\\\'\'}'"
+    fi
+  done
+  printf '+%s\n' "$line"
   if [[ $DRY_RUN -eq 0 ]]; then
     "$@"
   fi
@@ -229,7 +235,7 @@ verify_imports() {
     local mod path venv_real
     venv_real=$(realpath -m "$(p "$VENV")")
     for mod in cv2 tensorrt; do
-      printf '+ %q -c %q   # must resolve outside %s (JetPack)\n' "$venv_py" "import $mod; print($mod.__file__)" "$VENV"
+      printf "+ %q -c '%s'   # must resolve outside %s (JetPack)\n" "$venv_py" "import $mod; print($mod.__file__)" "$VENV"
       [[ $DRY_RUN -eq 0 ]] || continue
       path=$("$venv_py" -c "import $mod; print($mod.__file__)") ||
         die "the venv cannot import $mod: install JetPack's python3-libnvinfer / OpenCV (apt install nvidia-jetpack)"
