@@ -157,10 +157,16 @@ class TensorRTBackend(Backend):
         # backend works from whichever thread calls run().
         self._ctx = device.retain_primary_context()
         self._ctx.push()
+        self._device: dict[str, Any] = {}  # tensor name -> pycuda DeviceAllocation (shared by all parts)
         try:
             self._setup(bundle_dir, manifest, cfg, gpu_name)
-        finally:
+        except BaseException:
+            for buf in self._device.values():
+                buf.free()
             self._ctx.pop()
+            self._ctx.detach()
+            raise
+        self._ctx.pop()
         self._closed = False
 
     def _setup(self, bundle_dir: Path, manifest: Manifest, cfg: BackendConfig, gpu_name: str) -> None:
@@ -172,7 +178,6 @@ class TensorRTBackend(Backend):
         self.max_batch = manifest.input.max_batch
         self.input_name = manifest.input.name
         self._parts: list[_Part] = []
-        self._device: dict[str, Any] = {}  # tensor name -> pycuda DeviceAllocation (shared by all parts)
         self._layout: dict[str, tuple[tuple[int, ...], np.dtype]] = {}  # tensor name -> (shape at max batch, dtype)
         for spec in specs:
             eng_spec = engines[spec.name]
@@ -323,10 +328,11 @@ class TensorRTBackend(Backend):
         try:
             self._stream.synchronize()
             self._graph = None
-            for part in reversed(self._parts):
-                del part.context
-                del part.engine
+            for part in reversed(self._parts):  # contexts before engines before the runtime
+                part.context = None
+                part.engine = None
             self._parts = []
+            self._runtime = None
             for buf in self._device.values():
                 buf.free()
             self._device = {}
