@@ -312,17 +312,20 @@ install_config() {
     run chown root:"$SERVICE_USER" "$conf_dir" "$conf_dir/tls"
   fi
 
+  local written=""
   if [[ ! -e $dst ]]; then
     run install -m 0640 "$src" "$dst"
+    written=$dst
     [[ -n $CONFIG ]] || FRESH_EXAMPLE_CONFIG=1
   elif cmp -s "$src" "$dst"; then
     note "$CONF_DIR/config.yaml is up to date"
   else
     run install -m 0640 "$src" "$dst.new"
+    written=$dst.new
     note "kept the existing $CONF_DIR/config.yaml; the new one is $CONF_DIR/config.yaml.new (diff and merge by hand)"
   fi
-  if [[ -z $ROOT && -e $dst ]]; then
-    run chown root:"$SERVICE_USER" "$dst"
+  if [[ -z $ROOT && -n $written ]]; then
+    run chown root:"$SERVICE_USER" "$written"
   fi
   if [[ $SKIP_PIP -eq 0 ]]; then
     run "$(p "$VENV")/bin/rdedge" check-config "$dst" || die "$CONF_DIR/config.yaml does not validate (see above)"
@@ -366,7 +369,7 @@ start_service() {
     [[ ${FRESH_EXAMPLE_CONFIG:-0} -eq 0 ]] ||
       note "installed the EXAMPLE config: edit $CONF_DIR/config.yaml (broker, device_id, cameras) first"
     [[ ${NO_PASSWORD:-0} -eq 0 ]] ||
-      note "no $CONF_DIR/mqtt-password: create it (install -m 0600 /dev/null $CONF_DIR/mqtt-password, then write the password)"
+      note "no $CONF_DIR/mqtt-password: create it with: (umask 077; systemd-ask-password 'MQTT password:' >$CONF_DIR/mqtt-password)"
     note "then: systemctl start $UNIT_NAME && journalctl -u $UNIT_NAME -f"
   elif systemctl is-active --quiet "$UNIT_NAME"; then
     run systemctl enable "$UNIT_NAME"
