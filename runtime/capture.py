@@ -9,8 +9,10 @@ the consumer has taken the previous frame, so every image is inspected exactly o
 
 Failures (the source does not open, a read fails) put the camera ``down`` and the thread reopens it with capped
 exponential backoff (``reconnect_initial_s`` doubling up to ``reconnect_max_s``; each reopen attempt counts in
-``reconnects``). A watchdog also reports ``down`` when a read has been stuck for ``no_frame_timeout_s``. A folder or
-video that is not looped ends with state ``ended``; consumers then stop using that camera.
+``reconnects``). A watchdog reports ``down`` when an open or read has been blocked for ``no_frame_timeout_s`` (a
+stalled RTSP stream, an unplugged USB camera); it is evaluated whenever a consumer calls :meth:`FrameGrabber.latest`
+or reads ``state``, because the grab thread itself is the one stuck. A folder or video that is not looped ends with
+state ``ended``; consumers then stop using that camera.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from runtime.config import (
 logger = logging.getLogger(__name__)
 
 State = Literal["starting", "up", "down", "ended"]
-_WAIT_SLICE_S = 0.05  # granularity of interruptible waits
+RTSP_OPEN_TIMEOUT_S = 10.0  # FFmpeg's own default is 30 s
 
 
 def next_slot(due: float, now: float, period: float) -> float:
@@ -97,8 +99,11 @@ class _Source:
 class _CvSource(_Source):
     """``cv2.VideoCapture`` on a V4L2 device, GStreamer pipeline, RTSP URL or video file."""
 
-    def __init__(self, src: V4L2Source | GStreamerSource | RtspSource | VideoFileSource) -> None:
+    def __init__(
+        self, src: V4L2Source | GStreamerSource | RtspSource | VideoFileSource, read_timeout_s: float = 5.0
+    ) -> None:
         self.src = src
+        self.read_timeout_s = read_timeout_s
         self.cap: Any = None
         self.paced = not isinstance(src, VideoFileSource) or src.realtime
         self._period = 0.0
@@ -129,7 +134,14 @@ class _CvSource(_Source):
         elif isinstance(s, GStreamerSource):
             cap = cv2.VideoCapture(s.pipeline, cv2.CAP_GSTREAMER)
         elif isinstance(s, RtspSource):
-            cap = cv2.VideoCapture(s.url, cv2.CAP_FFMPEG)
+            # Bound FFmpeg's blocking calls so a dead camera ends in a reconnect rather than a hung thread.
+            params = [
+                cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+                int(RTSP_OPEN_TIMEOUT_S * 1000),
+                cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+                int(max(self.read_timeout_s, 1.0) * 1000),
+            ]
+            cap = cv2.VideoCapture(s.url, cv2.CAP_FFMPEG, params)
             cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
         else:
             if not s.path.is_file():
@@ -262,7 +274,7 @@ class FrameGrabber:
         src = self.cam.source
         if isinstance(src, FolderSource):
             return _FolderSource(src, self._count_unreadable)
-        return _CvSource(src)
+        return _CvSource(src, read_timeout_s=self.cam.no_frame_timeout_s)
 
     def _count_unreadable(self, path: Path) -> None:
         self.frames_unreadable += 1
@@ -349,8 +361,9 @@ class FrameGrabber:
                 logger.exception("camera %s: on_state callback failed", self.name)
 
     def _check_watchdog(self) -> None:
+        """Report ``down`` when an open or read has been blocked for longer than ``no_frame_timeout_s``."""
         busy = self._busy_since
-        if self._state == "up" and busy is not None:
+        if self._state in ("starting", "up") and busy is not None:
             stuck = time.monotonic() - busy
             if stuck > self.cam.no_frame_timeout_s:
                 self._set_state("down", f"no frame for {stuck:.1f} s")

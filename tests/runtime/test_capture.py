@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -196,3 +197,24 @@ def test_stop_joins_quickly_while_the_consumer_is_away(tmp_path: Path) -> None:
 def test_next_slot_paces_without_bursts() -> None:
     assert next_slot(10.0, 10.01, 0.1) == pytest.approx(10.1)  # on time: one period on
     assert next_slot(10.0, 10.5, 0.1) == pytest.approx(10.6)  # late: restart from now, no catch-up burst
+
+
+def test_watchdog_reports_a_stalled_rtsp_camera_down() -> None:
+    # A TCP server that accepts the RTSP connection and never answers: FFmpeg blocks inside open().
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    port = server.getsockname()[1]
+    states = _States()
+    cam = _cam({"kind": "rtsp", "url": f"rtsp://127.0.0.1:{port}/stream"}, no_frame_timeout_s=0.3)
+    g = FrameGrabber(cam, states).start()
+    try:
+        t0 = time.monotonic()
+        assert _wait_for(lambda: g.state == "down", 5.0)
+        assert 0.3 <= time.monotonic() - t0 < 3.0
+        assert g.reconnects == 0  # the watchdog said so, not a failed open
+        assert states.states == ["down"]
+    finally:
+        server.close()  # FFmpeg sees the connection drop and open() returns
+        g.stop(timeout=5.0)
+    assert not g.alive
