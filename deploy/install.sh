@@ -328,7 +328,12 @@ install_config() {
     run chown root:"$SERVICE_USER" "$written"
   fi
   if [[ $SKIP_PIP -eq 0 ]]; then
-    run "$(p "$VENV")/bin/rdedge" check-config "$dst" || die "$CONF_DIR/config.yaml does not validate (see above)"
+    local rdedge_bin
+    rdedge_bin="$(p "$VENV")/bin/rdedge"
+    if [[ $DRY_RUN -eq 0 ]] && ! "$rdedge_bin" check-config --help >/dev/null 2>&1; then
+      die "this rdedge has no 'check-config' verb, which the unit runs before every start (ExecStartPre=)"
+    fi
+    run "$rdedge_bin" check-config "$dst" || die "$CONF_DIR/config.yaml does not validate (see above)"
   fi
   if [[ ! -e $(p "$CONF_DIR/mqtt-password") ]]; then
     NO_PASSWORD=1
