@@ -529,6 +529,7 @@ def test_mosquitto_conf_loads_and_acl_confines_devices(tls_broker: tuple[int, Pa
         line1.publish("rdedge/line1/status", b"online")
         line1.publish("rdedge/line1/cam0/result", b"ok")
         line1.publish("rdedge/line1/cam0/alert/image", b"\xff\xd8jpeg")
+        line1.publish("rdedge/line1/cam0/reply/scada", b"reply")  # a v5 response topic below its own id
         line1.publish("rdedge/line2/cam0/result", b"forged by line1")  # outside its own id
         scada.publish("rdedge/line1/cam0/trigger", b"inspect")
         scada.publish("rdedge/line1/cam0/result", b"forged by scada")  # scada writes triggers only
@@ -540,6 +541,7 @@ def test_mosquitto_conf_loads_and_acl_confines_devices(tls_broker: tuple[int, Pa
         assert ("rdedge/line1/cam0/result", b"ok") in got_scada
         assert ("rdedge/line1/cam0/alert/image", b"\xff\xd8jpeg") in got_scada
         assert ("rdedge/line1/cam0/trigger", b"inspect") in got_scada
+        assert ("rdedge/line1/cam0/reply/scada", b"reply") in got_scada
         assert not any(b"forged" in p for _, p in got_scada), got_scada
         assert not any(b"another device" in p for _, p in got_scada)
 
