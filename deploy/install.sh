@@ -281,7 +281,13 @@ install_bundle() {
         run "$(p "$VENV")/bin/rdedge" build-engines "$dst.partial"
       fi
     fi
-    run chmod -R u=rwX,go=rX "$dst.partial"
+    if [[ -z $ROOT ]]; then
+      # readable by the service only: a trained model is the plant's property
+      run chown -R root:"$SERVICE_USER" "$dst.partial"
+      run chmod -R u=rwX,g=rX,o= "$dst.partial"
+    else
+      run chmod -R u=rwX,go=rX "$dst.partial"
+    fi
     run mv "$dst.partial" "$dst"
   fi
 
