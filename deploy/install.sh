@@ -124,7 +124,10 @@ parse_args() {
   case $PLATFORM in auto | jetson | gpu | cpu) ;; *) die "--platform must be auto, jetson, gpu or cpu" ;; esac
   [[ $VENV =~ ^/[A-Za-z0-9._/-]*[A-Za-z0-9._-]$ ]] ||
     die "--venv must be an absolute path below / (letters, digits, . _ - /; no trailing slash): $VENV"
+  [[ /$VENV/ != */./* && /$VENV/ != */../* ]] || die "--venv must not contain . or .. components: $VENV"
   [[ $PURGE -eq 0 || $UNINSTALL -eq 1 ]] || die "--purge only goes with --uninstall"
+  [[ -d $SRC_DIR ]] || die "--source $SRC_DIR is not a directory"
+  SRC_DIR=$(cd "$SRC_DIR" && pwd)
   if [[ -n $ROOT ]]; then
     [[ -d $ROOT ]] || die "--root $ROOT is not a directory"
     ROOT=$(cd "$ROOT" && pwd)
@@ -423,8 +426,10 @@ do_uninstall() {
     run systemctl daemon-reload
     run systemctl reset-failed "$UNIT_NAME" || true
   fi
-  if [[ -d $(p "$VENV") ]]; then
+  if [[ -f $(p "$VENV")/pyvenv.cfg ]]; then
     run rm -rf "$(p "$VENV")"
+  elif [[ -e $(p "$VENV") ]]; then
+    note "warning: $VENV has no pyvenv.cfg, so it is not a venv this script made: not removing it"
   fi
 
   if [[ $PURGE -eq 0 ]]; then

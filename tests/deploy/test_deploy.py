@@ -304,7 +304,11 @@ def test_uninstall_removes_unit_keeps_data_and_purge_removes_all(root: Path, tmp
     (root / "var/lib/rdedge").mkdir(parents=True)
     (root / "var/lib/rdedge/spool.sqlite3").write_bytes(b"spool")
     (root / "opt/rdedge/venv/bin").mkdir(parents=True)  # what a real install leaves
+    (root / "opt/rdedge/venv/pyvenv.cfg").write_text("include-system-site-packages = true\n", encoding="utf-8")
+    (root / "usr/bin").mkdir(parents=True)  # --venv pointing at something that is not a venv: left alone
 
+    refused = run_install("--uninstall", "--root", root, "--no-systemctl", "--venv", "/usr")
+    assert (root / "usr/bin").is_dir() and "not removing it" in refused.stdout
     run_install("--uninstall", "--root", root, "--no-systemctl")
     assert not (root / "etc/systemd/system/rdedge.service").exists()
     assert not (root / "opt/rdedge/venv").exists()
@@ -333,6 +337,8 @@ def test_bad_arguments_are_refused(root: Path, tmp_path: Path) -> None:
     assert run_install("--root", root, "--bogus", check=False).returncode != 0
     assert run_install("--root", root, "--bundle", tmp_path, check=False).returncode != 0  # no manifest.json
     assert run_install("--root", root, "--venv", "relative/venv", check=False).returncode != 0
+    assert run_install("--root", root, "--venv", "/opt/../usr", check=False).returncode != 0
+    assert run_install("--root", root, "--venv", "/", check=False).returncode != 0
     assert run_install("--root", root, "--purge", check=False).returncode != 0
     assert list(root.iterdir()) == []
 
