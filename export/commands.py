@@ -3,7 +3,112 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+
+def export_command(args: argparse.Namespace) -> int:
+    """``rdedge export``: parse -> :func:`export.pipeline.export_bundle` -> print the bundle path."""
+    from export.pipeline import ExportOptions, export_bundle
+
+    opts = ExportOptions(
+        run=args.run,
+        out=args.out,
+        calib_data=args.calib_data,
+        image_size=args.image_size,
+        opset=args.opset,
+        trt=args.trt,
+        precision=args.precision,
+        fused=args.fused,
+        target_far=args.target_far,
+        max_batch=args.max_batch,
+        force=args.force,
+    )
+    if args.parity_tol is not None:
+        opts.parity_tol = args.parity_tol
+    out, manifest = export_bundle(opts)
+    thr = manifest.threshold
+    print(f"model {manifest.model_id}: threshold {thr.value:.6g} ({thr.source})")
+    if thr.f1_optimal:
+        f1 = thr.f1_optimal
+        print(
+            f"F1-optimal on labelled data (information only): threshold {f1['threshold']:.6g}, "
+            f"F1 {f1['f1']:.3f}, precision {f1['precision']:.3f}, recall {f1['recall']:.3f}"
+        )
+    print(out)
+    return 0
+
+
+def build_engines_command(args: argparse.Namespace) -> int:
+    """``rdedge build-engines``: TensorRT engines for this device, recorded in the bundle's manifest."""
+    from export.tensorrt_build import build_engines
+
+    manifest = build_engines(args.bundle, precision=args.precision, max_batch=args.max_batch, gpu_id=args.gpu_id)
+    for e in manifest.engines:
+        print(f"{e.part:<10} {e.precision}  {e.file}")
+    return 0
+
+
+def demo_command(args: argparse.Namespace) -> int:
+    """``rdedge demo``: the README's first command."""
+    from export.demo import DemoOptions, run_demo
+
+    opts = DemoOptions(dir=args.dir, mqtt=args.mqtt, epochs=args.epochs, image_size=args.image_size)
+    return run_demo(opts)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the export verbs to the ``rdedge`` parser."""
+    p = sub.add_parser(
+        "export",
+        help="turn a training run into a bundle (ONNX parts, manifest.json, optional TensorRT engines)",
+        description="Export teacher, projection, OCBE, decoder and score as separate ONNX graphs (dynamic batch), "
+        "check each against torch, calibrate the OK/NG threshold on the defect-free validation images through the "
+        "exported chain (onnxruntime) and write BUNDLE_DIR atomically. The auxiliary training backbone is never "
+        "exported.",
+    )
+    p.add_argument("--run", required=True, type=Path, help="run folder (or checkpoint file) from 'rdedge train'")
+    p.add_argument("--out", required=True, type=Path, help="bundle folder to create")
+    p.add_argument(
+        "--calib-data",
+        type=Path,
+        help="threshold images: a folder of defect-free images, or an MVTec category (its validation split; "
+        "labelled test defects add the F1-optimal figure). Default: the validation split the run kept aside",
+    )
+    p.add_argument("--image-size", type=int, help="input side in pixels (default: the training size)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17; 14..20)")
+    p.add_argument("--trt", action="store_true", help="also build TensorRT engines on this machine's GPU")
+    p.add_argument(
+        "--precision",
+        choices=["fp16", "fp32"],
+        default="fp16",
+        help="fp16 (default): also write <part>.fp16.onnx and build FP16 engines; score stays FP32",
+    )
+    p.add_argument("--fused", action="store_true", help="also write model.onnx (image -> anomaly_map, score)")
+    p.add_argument("--target-far", type=float, default=0.01, help="target false-alarm rate of the threshold (0.01)")
+    p.add_argument("--max-batch", type=int, default=4, help="largest batch the bundle declares (default 4)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle (atomically)")
+    p.add_argument("--parity-tol", type=float, help=argparse.SUPPRESS)  # tests: force a parity failure
+    p.set_defaults(func=export_command)
+
+    p = sub.add_parser(
+        "build-engines",
+        help="build TensorRT engines for a bundle on this device (needs rdedge[trt])",
+        description="Build engines for the five parts (FP16, score FP32) keyed by TensorRT version, GPU and ONNX "
+        "sha256, and record them in manifest.json. Engines are device-specific: run this on the target box.",
+    )
+    p.add_argument("bundle", type=Path, help="bundle folder written by 'rdedge export'")
+    p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16", help="default fp16")
+    p.add_argument("--max-batch", type=int, help="top of the optimisation profile (default: the bundle's max_batch)")
+    p.add_argument("--gpu-id", type=int, default=0, help="CUDA device ordinal (default 0)")
+    p.set_defaults(func=build_engines_command)
+
+    p = sub.add_parser(
+        "demo",
+        help="synthetic data -> train -> evaluate -> export -> runtime verdicts (a few minutes on a CPU)",
+        description="The end-to-end tour on two CPU cores: outputs under --dir (default ./rdedge-demo).",
+    )
+    p.add_argument("--dir", type=Path, default=Path("rdedge-demo"), help="output folder (default ./rdedge-demo)")
+    p.add_argument("--mqtt", metavar="HOST:PORT", help="also publish the verdicts through the runtime service")
+    p.add_argument("--epochs", type=int, default=4, help="training epochs (default 4)")
+    p.add_argument("--image-size", type=int, default=128, help="image side in pixels (default 128)")
+    p.set_defaults(func=demo_command)

@@ -1,0 +1,312 @@
+"""``rdedge export``: training run -> bundle. One typed entry point, :func:`export_bundle`.
+
+Steps: load the run (``training.build.load_model``; every weight, teacher included, comes from the checkpoint's
+``model`` entry and none from ``aux``) -> export the five parts (+ fused graph) and check each against torch on two
+inputs -> FP16 copies of the four FP16-able parts -> score the calibration images through the exported ONNX chain
+with ONNX Runtime (what the runtime runs) and check them against torch -> threshold -> ``manifest.json`` through
+``runtime.bundle`` -> optional TensorRT engines -> rename into place. See :mod:`export.bundle_writer` for the
+all-or-nothing write and :mod:`export.parity` for the error measures and tolerances.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from export.bundle_writer import check_target, finalize_manifest, model_id, staging, tool_versions, utc_now
+from export.errors import ExportError, require
+from export.parity import FP16_SCORE_TOL, PART_TOL, SCORE_TOL
+from runtime.bundle import CHAIN, InputSpec, Manifest, PartSpec, PreprocessSpec, ThresholdSpec
+
+log = logging.getLogger(__name__)
+
+FP16_PARTS = ("teacher", "projection", "ocbe", "decoder")
+
+
+@dataclass
+class ExportOptions:
+    """Options of ``rdedge export`` (see ``rdedge export --help``)."""
+
+    run: Path
+    out: Path
+    calib_data: Path | None = None
+    image_size: int | None = None
+    opset: int = 17
+    trt: bool = False
+    precision: Literal["fp16", "fp32"] = "fp16"
+    fused: bool = False
+    target_far: float = 0.01
+    max_batch: int = 4
+    force: bool = False
+    parity_tol: float = PART_TOL
+    score_tol: float = SCORE_TOL
+    fp16_score_tol: float = FP16_SCORE_TOL
+    seed: int = 0
+
+
+@dataclass
+class CalibrationSet:
+    """Defect-free images that set the threshold, and optional labelled images for the F1-optimal figure."""
+
+    good: list[Path]
+    source: str
+    labelled: list[tuple[Path, int]] = field(default_factory=list)
+    labelled_source: str = ""
+
+
+def _flatten_keys(obj: Any, prefix: str = "") -> set[str]:
+    if isinstance(obj, dict):
+        out: set[str] = set()
+        for k, v in obj.items():
+            out |= _flatten_keys(v, f"{prefix}{k}.")
+        return out
+    return {prefix.rstrip(".")} if prefix else set()
+
+
+def check_no_aux(model: Any, ckpt: dict[str, Any]) -> None:
+    """Every exported weight comes from ``ckpt["model"]``; none from the training-only ``ckpt["aux"]``.
+
+    Raises:
+        ExportError: an exported state key is missing from ``ckpt["model"]`` or also present in ``ckpt["aux"]``.
+    """
+    exported = set(model.state_dict())
+    not_from_model = sorted(exported - set(ckpt.get("model", {})))
+    if not_from_model:
+        raise ExportError(f"exported weights not in the checkpoint's model state: {not_from_model[:3]}")
+    overlap = sorted(exported & _flatten_keys(ckpt.get("aux") or {}))
+    if overlap:
+        raise ExportError(f"refusing to export auxiliary (training-only) weights: {overlap[:3]}")
+
+
+def calibration_set(ckpt: dict[str, Any], cfg: Any, calib_data: Path | None) -> CalibrationSet:
+    """Resolve the threshold images: ``--calib-data`` (MVTec category -> its validation split, or a folder of good
+    images), else the validation files the training run kept aside (``ckpt["split"]["val"]``)."""
+    from training.data import discover, list_images
+
+    if calib_data is not None:
+        calib_data = Path(calib_data)
+        if (calib_data / "train" / "good").is_dir():
+            splits = discover(calib_data, cfg.data.val_fraction, cfg.seed)
+            if not splits.val:
+                raise ExportError(f"{calib_data}: the validation split is empty (data.val_fraction is 0?)")
+            labelled = [(s.path, s.label) for s in splits.test]
+            has_defects = any(lab for _, lab in labelled)
+            return CalibrationSet(
+                [s.path for s in splits.val],
+                f"validation split of {calib_data}/train/good (n={len(splits.val)}, seed {cfg.seed})",
+                labelled if has_defects else [],
+                f"labelled test split of {calib_data} (n={len(labelled)})" if has_defects else "",
+            )
+        good = list_images(calib_data, strict=False)
+        return CalibrationSet(good, f"defect-free folder {calib_data} (n={len(good)})")
+    val = [Path(p) for p in (ckpt.get("split") or {}).get("val", [])]
+    if not val:
+        raise ExportError(
+            "the training run kept no validation images for the threshold (data.val_fraction 0?); "
+            "pass --calib-data DIR (a folder of defect-free images or an MVTec category)"
+        )
+    missing = [p for p in val if not p.is_file()]
+    if missing:
+        raise ExportError(
+            f"validation image {missing[0]} recorded by the training run is missing ({len(missing)} of {len(val)}); "
+            "run export where the training data is, or pass --calib-data DIR"
+        )
+    out = CalibrationSet(val, f"validation split kept aside by training (train/good, n={len(val)})")
+    root = val[0].parent.parent.parent
+    if val[0].parent.name == "good" and val[0].parent.parent.name == "train" and (root / "test").is_dir():
+        splits = discover(root, cfg.data.val_fraction, cfg.seed)
+        labelled = [(s.path, s.label) for s in splits.test]
+        if any(lab for _, lab in labelled):
+            out.labelled, out.labelled_source = labelled, f"labelled test split of {root} (n={len(labelled)})"
+    return out
+
+
+def load_images(paths: list[Path], size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """Training's preprocessing (== the runtime's) of image files -> ``(N, 3, size, size)`` float32."""
+    from training.data import preprocess, read_image
+
+    return np.stack([preprocess(read_image(p), (size, size), mean, std) for p in paths]).astype(np.float32)
+
+
+def _torch_chain(model: Any, scorer: Any, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Every named tensor of the chain, computed by the torch model on ``x`` (reference for parity)."""
+    import torch
+
+    with torch.no_grad():
+        t: dict[str, Any] = {"image": torch.from_numpy(x)}
+        f = model.teacher(t["image"])
+        p = model.projection(*f)
+        z = model.ocbe(*p)
+        d = model.decoder(z)
+        amap, score = scorer(*f, *d)
+        t.update(zip(("f1", "f2", "f3"), f, strict=True))
+        t.update(zip(("p1", "p2", "p3"), p, strict=True))
+        t["z"] = z
+        t.update(zip(("d1", "d2", "d3"), d, strict=True))
+        t["anomaly_map"], t["score"] = amap, score
+    return {k: v.detach().numpy().astype(np.float32) for k, v in t.items()}
+
+
+def _torch_scores(model: Any, scorer: Any, images: np.ndarray, batch: int = 8) -> np.ndarray:
+    return np.concatenate(
+        [_torch_chain(model, scorer, images[i : i + batch])["score"] for i in range(0, len(images), batch)]
+    )
+
+
+def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
+    """Export ``opts.run`` to the bundle ``opts.out``; returns ``(bundle path, manifest)``.
+
+    Raises:
+        ExportError / ParityError: bad options, existing bundle, parity beyond tolerance.
+        training.errors.CheckpointError: missing, foreign or mismatched checkpoint.
+        MissingExtraError: onnx / onnxruntime (``rdedge[export]``) or tensorrt (``rdedge[trt]``) missing.
+    """
+    require("torch", "export", "export")
+    require("onnx", "export", "ONNX export")
+    require("onnxruntime", "export", "parity checks and threshold calibration")
+    from export import onnx_parts, parity
+    from export.fp16 import convert_file
+    from training.anomaly_map import AnomalyScorer
+    from training.backbones import get_spec
+    from training.build import load_model
+    from training.threshold import calibrate_threshold, f1_optimal
+
+    onnx_parts.check_opset(opts.opset)
+    out = Path(opts.out)
+    check_target(out, opts.force)
+    if not 0.0 < opts.target_far < 1.0:
+        raise ExportError(f"--target-far must be in (0, 1), got {opts.target_far}")
+    if opts.max_batch < 1:
+        raise ExportError(f"--max-batch must be >= 1, got {opts.max_batch}")
+    if opts.trt:
+        from export.tensorrt_build import import_tensorrt
+
+        import_tensorrt()  # fail before the long part of the export
+
+    model, cfg, ckpt = load_model(opts.run)
+    check_no_aux(model, ckpt)
+    size = int(opts.image_size or cfg.data.image_size)
+    if size % 32 or size < 32:
+        raise ExportError(f"--image-size must be a multiple of 32 (>= 32), got {size}")
+    spec = get_spec(cfg.model.backbone)
+    scorer = AnomalyScorer((size, size), cfg.model.sigma).eval()
+    calib = calibration_set(ckpt, cfg, opts.calib_data)
+    calib_images = load_images(calib.good, size, spec.mean, spec.std)
+    log.info("exporting %s (%s, %dx%d); threshold from %s", opts.run, cfg.model.backbone, size, size, calib.source)
+
+    rng = np.random.default_rng(opts.seed)
+    sets = [rng.standard_normal((2, 3, size, size)).astype(np.float32), calib_images[:1]]
+    refs = [_torch_chain(model, scorer, x) for x in sets]
+    modules = onnx_parts.part_modules(model, scorer, (size, size))
+    par: dict[str, float] = {}
+
+    with staging(out, opts.force) as tmp:
+        import torch
+
+        specs: dict[str, PartSpec] = {}
+        sessions: dict[str, Any] = {}
+        for name in (*CHAIN, *(("fused",) if opts.fused else ())):
+            ins, outs = onnx_parts.PART_IO[name]
+            path = tmp / ("model.onnx" if name == "fused" else f"{name}.onnx")
+            if name == "projection" and onnx_parts.is_identity_projection(model.projection):
+                onnx_parts.write_identity_projection(path, onnx_parts.tensor_specs(ins, [refs[0][k] for k in ins]))
+            else:
+                example = tuple(torch.from_numpy(refs[0][k]) for k in ins)
+                onnx_parts.export_torch_part(modules[name], name, example, path, opts.opset)
+            sess = parity.session(path)
+            worst = (0.0, 0.0)
+            for ref in refs:
+                got = parity.run_session(sess, {k: ref[k] for k in ins})
+                err = parity.errors([ref[k] for k in outs], got)
+                worst = (max(worst[0], err[0]), max(worst[1], err[1]))
+            parity.check(f"{name} (2 inputs)", *worst, opts.parity_tol)
+            par[f"{name}_max_abs"], par[f"{name}_max_rel"] = worst
+            specs[name] = PartSpec(
+                name=name,
+                file=path.name,
+                precision="fp32",
+                inputs=onnx_parts.tensor_specs(ins, [refs[0][k] for k in ins]),
+                outputs=onnx_parts.tensor_specs(outs, [refs[0][k] for k in outs]),
+            )
+            sessions[name] = sess
+
+        # Image scores of the calibration images: exported ONNX chain (ORT) vs torch.
+        chain = [sessions[p] for p in CHAIN]
+        ort_scores, _ = parity.chain_scores(chain, calib_images)
+        ref_scores = _torch_scores(model, scorer, calib_images)
+        err = parity.errors([ref_scores], [ort_scores])
+        parity.check(f"calibration scores (n={len(calib_images)})", *err, opts.score_tol)
+        par["calib_score_max_abs"], par["calib_score_max_rel"] = err
+
+        extra: dict[str, str | float | int | bool] = {
+            "exporter": "torch.onnx (TorchScript, dynamo=False)",
+            "opset": opts.opset,
+            "projection": cfg.model.projection,
+            "sigma": float(cfg.model.sigma),
+            "train_image_size": int(cfg.data.image_size),
+            "checkpoint_epoch": int(ckpt.get("epoch", -1)) + 1,
+            "parity_tolerance_part_rel": opts.parity_tol,
+            "parity_tolerance_score_rel": opts.score_tol,
+        }
+        if opts.precision == "fp16":
+            for name in FP16_PARTS:
+                convert_file(tmp / f"{name}.onnx", tmp / f"{name}.fp16.onnx")
+                extra[f"fp16_onnx.{name}"] = f"{name}.fp16.onnx"
+            fp16_chain = [parity.session(tmp / f"{p}.fp16.onnx") for p in FP16_PARTS] + [sessions["score"]]
+            fp16_scores, _ = parity.chain_scores(fp16_chain, calib_images)
+            err = parity.errors([ort_scores], [fp16_scores])
+            parity.check("fp16 chain scores vs fp32", *err, opts.fp16_score_tol)
+            par["fp16_score_max_abs"], par["fp16_score_max_rel"] = err
+            extra["parity_tolerance_fp16_score_rel"] = opts.fp16_score_tol
+
+        thr = calibrate_threshold(ort_scores, opts.target_far)
+        q = 1.0 - opts.target_far
+        f1: dict[str, float] | None = None
+        if calib.labelled:
+            lab_images = load_images([p for p, _ in calib.labelled], size, spec.mean, spec.std)
+            lab_scores, _ = parity.chain_scores(chain, lab_images)
+            labels = np.array([lab for _, lab in calib.labelled])
+            f1 = {k: float(v) for k, v in f1_optimal(lab_scores, labels).items()}
+            f1.update({"n_images": float(len(labels)), "n_defective": float(labels.sum())})
+            extra["threshold.f1_optimal_source"] = (
+                f"{calib.labelled_source}; reported for information only, the operating threshold is the "
+                "defect-free rule"
+            )
+        threshold = ThresholdSpec(
+            value=float(thr.value),
+            rule=f"quantile+margin: Q_{q:g}(good) + {thr.margin:g} * (Q_{q:g}(good) - median(good)), "
+            f"target false-alarm rate {opts.target_far:g}, scores from the exported ONNX chain (onnxruntime)",
+            source=calib.source,
+            stats={**thr.stats, "target_false_alarm_rate": opts.target_far, "margin": thr.margin},
+            f1_optimal=f1,
+        )
+        from export.bundle_writer import file_hashes
+
+        files = file_hashes(tmp)
+        manifest = Manifest(
+            model_id=model_id(cfg.model.backbone, [files[specs[p].file] for p in CHAIN]),
+            created=utc_now(),
+            backbone=cfg.model.backbone,
+            input=InputSpec(name="image", height=size, width=size, max_batch=opts.max_batch),
+            preprocess=PreprocessSpec(
+                color="rgb", interpolation="linear", scale=1.0 / 255.0, mean=list(spec.mean), std=list(spec.std)
+            ),
+            parts=[specs[p] for p in CHAIN],
+            fused=specs.get("fused"),
+            threshold=threshold,
+            parity=par,
+            files=files,
+            versions=tool_versions(),
+            extra=extra,
+        )
+        manifest = finalize_manifest(tmp, manifest)
+        if opts.trt:
+            from export.tensorrt_build import build_engines
+
+            manifest = build_engines(tmp, precision=opts.precision, max_batch=opts.max_batch)
+    log.info("bundle %s: model %s, threshold %.6g (%s)", out, manifest.model_id, manifest.threshold.value, calib.source)
+    return out, manifest
