@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from training.errors import ConfigError
+from training.objective_config import ExtraConfig
 
 
 class _Strict(BaseModel):
@@ -51,7 +52,7 @@ class TrainConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     eval_every: int = Field(1, ge=1, description="validate every N epochs (validation loss on held-out good images)")
-    extra: dict[str, Any] = Field(default_factory=dict, description="settings of the auxiliary / RD++ objectives")
+    extra: ExtraConfig = Field(default_factory=ExtraConfig, description="settings of the auxiliary / RD++ objectives")
 
 
 def format_errors(exc: ValidationError, source: str) -> str:
