@@ -10,6 +10,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from runtime.preprocess import to_uint8
+
 
 def heatmap_u8(anomaly_map: np.ndarray, threshold: float) -> np.ndarray:
     """``(H, W)`` float map -> ``(H, W)`` uint8 with ``0 -> 0``, ``threshold -> 128``, ``>= 2*threshold -> 255``."""
@@ -22,7 +24,7 @@ def overlay_heatmap(frame_bgr: np.ndarray, anomaly_map: np.ndarray, threshold: f
     """Blend a JET heatmap of ``anomaly_map`` over the frame.
 
     Args:
-        frame_bgr: uint8 ``(H, W, 3)`` BGR (grey ``(H, W)`` and BGRA are converted) -- the frame, or the ROI crop
+        frame_bgr: uint8 ``(H, W, 3)`` BGR (grey, BGRA and uint16 are converted) -- the frame, or the ROI crop
             the map was computed on.
         anomaly_map: ``(h, w)`` float map at model resolution; resized (bilinear) to the frame size.
         threshold: the NG threshold (score units); see the module docstring for the colour rule.
@@ -31,12 +33,11 @@ def overlay_heatmap(frame_bgr: np.ndarray, anomaly_map: np.ndarray, threshold: f
     Returns:
         New uint8 ``(H, W, 3)`` BGR image.
     """
+    frame_bgr = to_uint8(frame_bgr)  # 16-bit cameras: scaled to 8 bit like the model input
     if frame_bgr.ndim == 2 or (frame_bgr.ndim == 3 and frame_bgr.shape[2] == 1):
         frame_bgr = cv2.cvtColor(frame_bgr, cv2.COLOR_GRAY2BGR)
     elif frame_bgr.shape[2] == 4:
         frame_bgr = cv2.cvtColor(frame_bgr, cv2.COLOR_BGRA2BGR)
-    if frame_bgr.dtype != np.uint8:
-        raise ValueError(f"frame must be uint8, got {frame_bgr.dtype}")
     h, w = frame_bgr.shape[:2]
     amap = anomaly_map.reshape(anomaly_map.shape[-2:])
     if amap.shape != (h, w):

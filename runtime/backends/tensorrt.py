@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,7 @@ class TensorRTBackend(Backend):
         self._trt = trt
         self._cuda = cuda
         self._closed = True
+        self._lock = threading.Lock()
         cuda.init()
         if cfg.gpu_id >= cuda.Device.count():
             raise RdedgeError(f"backend.gpu_id {cfg.gpu_id} but only {cuda.Device.count()} CUDA device(s) found")
@@ -289,8 +291,6 @@ class TensorRTBackend(Backend):
 
     def run(self, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """See :meth:`Backend.run`. Timings are GPU time per part from CUDA events (or one ``cuda_graph`` stage)."""
-        if self._closed:
-            raise RdedgeError("tensorrt backend is closed")
         x = inputs[self.input_name]
         batch = int(x.shape[0])
         if not 1 <= batch <= self.max_batch or x.shape[1:] != self._layout[self.input_name][0][1:]:
@@ -298,6 +298,13 @@ class TensorRTBackend(Backend):
                 f"input {self.input_name!r} must be (1..{self.max_batch}, "
                 f"{', '.join(map(str, self._layout[self.input_name][0][1:]))}), got {x.shape}"
             )
+        # One set of buffers and one stream: callers on several threads (one per camera) take turns.
+        with self._lock:
+            return self._run_locked(x, batch)
+
+    def _run_locked(self, x: np.ndarray, batch: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        if self._closed:
+            raise RdedgeError("tensorrt backend is closed")
         self._ctx.push()
         try:
             np.copyto(self._host_in[:batch], x, casting="same_kind")
@@ -321,9 +328,13 @@ class TensorRTBackend(Backend):
 
     def close(self) -> None:
         """Free device buffers, contexts and engines (in reverse order of creation). Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._release()
+
+    def _release(self) -> None:
         self._ctx.push()
         try:
             self._stream.synchronize()
@@ -336,6 +347,9 @@ class TensorRTBackend(Backend):
             for buf in self._device.values():
                 buf.free()
             self._device = {}
+            # Drop the pinned host buffers while the context is current (outputs handed out were copies).
+            self._host_out = {}
+            self._host_in = np.empty(0, np.float32)
         finally:
             self._ctx.pop()
             self._ctx.detach()
