@@ -1,0 +1,471 @@
+"""MQTT link to the PLC/SCADA: availability, spooled at-least-once verdicts, triggers. Contract: docs/mqtt.md.
+
+paho-mqtt >= 2 (``CallbackAPIVersion.VERSION2``) speaking MQTT v5. One paho network thread (``loop_start``) plus one
+*pump* thread that feeds the :class:`~runtime.spool.Spool` to the broker:
+
+* Results, alerts and trigger error replies are committed to the spool first (:meth:`MqttLink.enqueue`); the pump
+  hands them to paho in spool order while connected, keeping at most ``max_inflight`` unacknowledged; PUBACK
+  (``on_publish``) deletes them from the spool, in batches. Nothing is handed over while offline, so an outage only
+  grows the spool (bounded, oldest dropped and counted). Messages paho already holds when the link drops are resent
+  by paho itself after reconnecting (DUP flag); after a process restart the pump starts at the oldest spooled row.
+* ``<prefix>/<device>/status``: last will ``offline`` (retained), ``online`` (retained) published only from a
+  *successful* CONNACK, ``stopped`` (retained) on a clean exit. Per-camera states are remembered and re-published
+  (retained) after every reconnect.
+* A refused CONNACK (bad password, not authorised, ...) is logged once per streak with the broker's reason, the link
+  stays "not connected" and paho retries with its capped exponential backoff (1 s .. ``reconnect_max_s``).
+* Triggers: ``<prefix>/<device>/<camera>/trigger`` payloads are parsed here; a valid one goes to the service's
+  callback, a malformed one gets an error reply on ``<prefix>/<device>/<camera>/error`` (and on the v5 response topic
+  when the trigger named one).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from runtime.config import MqttConfig
+from runtime.spool import OutMessage, Spool, SpoolItem
+
+log = logging.getLogger(__name__)
+
+MAX_TRIGGER_BYTES = 1024
+"""Trigger payloads larger than this are rejected unparsed (a PLC sends ``{"id": ...}``, a few dozen bytes)."""
+MAX_TRIGGER_ID_LEN = 128
+_ACK_BATCH_S = 0.02
+_SETTLE_AFTER_CONNECT_S = 0.1  # let paho resend what it held before the pump sends newer rows (keeps order)
+
+
+class Topics:
+    """Topic names under ``<prefix>/<device>``."""
+
+    def __init__(self, prefix: str, device: str) -> None:
+        self.base = f"{prefix.strip('/')}/{device}"
+        self.status = f"{self.base}/status"
+        self.stats = f"{self.base}/stats"
+
+    def camera_status(self, camera: str) -> str:
+        return f"{self.base}/{camera}/status"
+
+    def result(self, camera: str) -> str:
+        return f"{self.base}/{camera}/result"
+
+    def alert(self, camera: str) -> str:
+        return f"{self.base}/{camera}/alert"
+
+    def alert_image(self, camera: str) -> str:
+        return f"{self.base}/{camera}/alert/image"
+
+    def trigger(self, camera: str) -> str:
+        return f"{self.base}/{camera}/trigger"
+
+    def error(self, camera: str) -> str:
+        return f"{self.base}/{camera}/error"
+
+
+class TriggerError(ValueError):
+    """A trigger payload that cannot be served; the message says why (it goes into the error reply)."""
+
+
+@dataclass(frozen=True)
+class TriggerRequest:
+    """A valid trigger: camera, the PLC's id, MQTT v5 response topic / correlation data, arrival (monotonic s)."""
+
+    camera: str
+    id: str | int
+    response_topic: str | None
+    correlation: bytes | None
+    received: float
+
+
+def parse_trigger(payload: bytes) -> str | int:
+    """Validate a trigger payload ``{"id": <str|int>}`` and return the id.
+
+    Raises:
+        TriggerError: too large, not UTF-8 JSON, not an object, nesting too deep, id missing / empty / too long /
+            of another type (booleans and floats are refused: a PLC id is an integer or a string).
+    """
+    if len(payload) > MAX_TRIGGER_BYTES:
+        raise TriggerError(f"payload too large ({len(payload)} bytes > {MAX_TRIGGER_BYTES})")
+    try:
+        data = json.loads(payload.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise TriggerError("payload is not UTF-8 text") from None
+    except RecursionError:
+        raise TriggerError("JSON nested too deeply") from None
+    except ValueError as exc:
+        raise TriggerError(f"payload is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise TriggerError(f'payload must be a JSON object like {{"id": 17}}, got {type(data).__name__}')
+    if "id" not in data:
+        raise TriggerError('payload has no "id"')
+    tid = data["id"]
+    if isinstance(tid, bool) or not isinstance(tid, (str, int)):
+        raise TriggerError(f'"id" must be a string or an integer, got {type(tid).__name__}')
+    if isinstance(tid, str) and not (0 < len(tid) <= MAX_TRIGGER_ID_LEN):
+        raise TriggerError(f'"id" string must have 1..{MAX_TRIGGER_ID_LEN} characters')
+    if isinstance(tid, int) and not (-(2**63) <= tid < 2**63):
+        raise TriggerError('"id" integer out of the 64-bit range')
+    return tid
+
+
+def _reason_text(rc: ReasonCode | MQTTErrorCode | int) -> str:
+    if isinstance(rc, ReasonCode):
+        return f"{rc.getName()} (reason code {rc.value})"
+    if isinstance(rc, MQTTErrorCode):
+        return paho.error_string(rc)
+    return str(rc)
+
+
+class MqttLink:
+    """The broker connection, the spool pump and the trigger subscription.
+
+    Args:
+        cfg: broker and topic settings.
+        spool: the outbox every at-least-once message goes through.
+        cameras: camera names (for per-camera status).
+        triggered: cameras in triggered mode (their trigger topics are subscribed).
+        on_trigger: called (paho thread, keep it short) with each valid trigger.
+    """
+
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        spool: Spool,
+        cameras: Sequence[str] = (),
+        triggered: Sequence[str] = (),
+        on_trigger: Callable[[TriggerRequest], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.topics = Topics(cfg.topic_prefix, cfg.device_id)
+        self.cameras = list(cameras)
+        self.triggered = list(triggered)
+        self.on_trigger = on_trigger
+        self.client_id = cfg.client_id or f"rdedge-{cfg.device_id}"
+
+        # counters (read by stats)
+        self.reconnects = 0  # successful connects after the first one
+        self.refusals = 0  # refused CONNACKs
+        self.sent = 0
+        self.acked = 0
+        self.rejected = 0  # PUBACK with a failure reason: logged, removed (the broker will never take it)
+        self.bad_triggers = 0
+        self.skipped_offline = 0  # volatile messages (stats, images) not sent because offline
+
+        self._connected = threading.Event()
+        self._ever_connected = False
+        self._connected_at = 0.0
+        self._refused_reason: str | None = None
+        self._unreachable_logged = False
+        self._camera_state: dict[str, str] = {}
+
+        self._lock = threading.Lock()  # guards the maps below; never held while calling paho
+        self._inflight: dict[int, int] = {}  # paho mid -> spool id
+        self._early: dict[int, float] = {}  # mids acknowledged before publish() returned -> monotonic time
+        self._acked_ids: list[int] = []
+        self._cursor = 0  # highest spool id handed to paho
+        self._wake = threading.Condition()
+        self._new = True
+        self._stop = threading.Event()
+        self._pump_thread: threading.Thread | None = None
+
+        self.client = self._make_client()
+
+    # -- setup -----------------------------------------------------------------------------------------------------
+
+    def _make_client(self) -> paho.Client:
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=MQTTProtocolVersion.MQTTv5)
+        c.enable_logger(logging.getLogger("runtime.mqtt.paho"))
+        logging.getLogger("runtime.mqtt.paho").setLevel(logging.WARNING)
+        c.will_set(self.topics.status, "offline", qos=1, retain=True)
+        if self.cfg.username is not None:
+            c.username_pw_set(self.cfg.username, self.cfg.resolve_password())
+        tls = self.cfg.tls
+        if tls is not None:
+            c.tls_set(
+                ca_certs=str(tls.ca_file),
+                certfile=str(tls.cert_file) if tls.cert_file else None,
+                keyfile=str(tls.key_file) if tls.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+            c.tls_insecure_set(tls.insecure)
+        c.reconnect_delay_set(min_delay=1, max_delay=max(1, math.ceil(self.cfg.reconnect_max_s)))
+        c.max_inflight_messages_set(self.cfg.max_inflight)
+        c.max_queued_messages_set(0)
+        c.on_connect = self._on_connect
+        c.on_connect_fail = self._on_connect_fail
+        c.on_disconnect = self._on_disconnect
+        c.on_publish = self._on_publish
+        c.on_message = self._on_message
+        return c
+
+    def start(self) -> None:
+        """Connect in the background (retrying forever) and start the spool pump."""
+        log.info("MQTT: connecting to %s:%d as %s%s (topics %s/...)", self.cfg.host, self.cfg.port, self.client_id,
+                 " with TLS" if self.cfg.tls else "", self.topics.base)  # fmt: skip
+        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s, clean_start=True)
+        self.client.loop_start()
+        self._pump_thread = threading.Thread(target=self._pump, name="mqtt-pump", daemon=True)
+        self._pump_thread.start()
+
+    @property
+    def connected(self) -> bool:
+        """True between a successful CONNACK and the next disconnect."""
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until connected (True) or ``timeout`` seconds pass (False)."""
+        return self._connected.wait(timeout)
+
+    # -- paho callbacks (network thread) ---------------------------------------------------------------------------
+
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, properties: Properties | None
+    ) -> None:
+        if rc.is_failure:
+            self._connected.clear()
+            self.refusals += 1
+            reason = _reason_text(rc)
+            if reason != self._refused_reason:
+                hint = ""
+                if rc.value in (134, 135, 4, 5):  # bad user name or password / not authorised (v5 and v3 codes)
+                    hint = " -- check mqtt.username and the password (env / $CREDENTIALS_DIRECTORY)"
+                log.error("MQTT broker %s:%d refused the connection: %s%s; retrying with backoff up to %d s "
+                          "(results are spooled meanwhile)", self.cfg.host, self.cfg.port, reason, hint,
+                          max(1, math.ceil(self.cfg.reconnect_max_s)))  # fmt: skip
+                self._refused_reason = reason
+            else:
+                log.debug("MQTT connection refused again: %s", reason)
+            return
+        if self._refused_reason is not None or self._unreachable_logged:
+            log.info("MQTT broker %s:%d accepted the connection again", self.cfg.host, self.cfg.port)
+        self._refused_reason = None
+        self._unreachable_logged = False
+        if self._ever_connected:
+            self.reconnects += 1
+        self._ever_connected = True
+        self._connected_at = time.monotonic()
+        client.publish(self.topics.status, "online", qos=1, retain=True)
+        for cam, state in list(self._camera_state.items()):
+            client.publish(self.topics.camera_status(cam), state, qos=1, retain=True)
+        for cam in self.triggered:
+            client.subscribe(self.topics.trigger(cam), qos=1)
+        self._connected.set()
+        log.info("MQTT connected to %s:%d (spool depth %d)", self.cfg.host, self.cfg.port, self.spool.depth)
+        self._notify()
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        if not self._unreachable_logged:
+            log.warning("MQTT broker %s:%d unreachable; retrying with backoff up to %d s (results are spooled)",
+                        self.cfg.host, self.cfg.port, max(1, math.ceil(self.cfg.reconnect_max_s)))  # fmt: skip
+            self._unreachable_logged = True
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, properties: Properties | None
+    ) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        if was and not self._stop.is_set():
+            log.warning("MQTT disconnected: %s; spooling until reconnected (depth %d)", _reason_text(rc),
+                        self.spool.depth)  # fmt: skip
+            self._unreachable_logged = True
+
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, rc: ReasonCode, properties: Properties | None
+    ) -> None:
+        with self._lock:
+            sid = self._inflight.pop(mid, None)
+            if sid is None:
+                self._early[mid] = time.monotonic()
+                return
+            if rc.is_failure:
+                self.rejected += 1
+                log.error("broker rejected spooled message %d: %s (dropped from the spool)", sid, _reason_text(rc))
+            self._acked_ids.append(sid)
+        self._notify()
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        camera = next((c for c in self.triggered if msg.topic == self.topics.trigger(c)), None)
+        if camera is None:
+            return
+        props = msg.properties
+        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        if response_topic is not None and not isinstance(response_topic, str):
+            response_topic = None
+        if response_topic and any(ch in response_topic for ch in "+#"):
+            response_topic = None  # wildcards are not valid publish topics
+        try:
+            tid = parse_trigger(bytes(msg.payload))
+        except TriggerError as exc:
+            self.bad_triggers += 1
+            log.warning("camera %s: bad trigger (%d bytes): %s", camera, len(msg.payload), exc)
+            self.publish_error(camera, str(exc), None, response_topic, correlation)
+            return
+        req = TriggerRequest(camera, tid, response_topic, correlation, time.monotonic())
+        if self.on_trigger is not None:
+            self.on_trigger(req)
+
+    # -- publishing ------------------------------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._new = True
+            self._wake.notify()
+
+    def enqueue(self, build: Callable[[int], Sequence[OutMessage]]) -> tuple[int, list[SpoolItem]]:
+        """Spool messages under a freshly allocated seq (see :meth:`Spool.add`) and wake the pump."""
+        seq, items = self.spool.add(build)
+        self._notify()
+        return seq, items
+
+    def enqueue_plain(self, messages: Sequence[OutMessage]) -> list[SpoolItem]:
+        """Spool messages without a seq and wake the pump."""
+        items = self.spool.put(messages)
+        self._notify()
+        return items
+
+    def publish_error(
+        self,
+        camera: str,
+        error: str,
+        trigger_id: str | int | None,
+        response_topic: str | None,
+        correlation: bytes | None,
+    ) -> None:
+        """Spool an error reply on ``<camera>/error`` (and on the response topic when given)."""
+        body = json.dumps(
+            {
+                "device": self.cfg.device_id,
+                "camera": camera,
+                "ts": round(time.time(), 6),
+                "error": error,
+                "id": trigger_id,
+            },  # fmt: skip
+            separators=(",", ":"),
+        ).encode()
+        msgs = [OutMessage(self.topics.error(camera), body, qos=self.cfg.qos)]
+        if response_topic:
+            msgs.append(OutMessage(response_topic, body, qos=self.cfg.qos, correlation=correlation))
+        self.enqueue_plain(msgs)
+
+    def publish_volatile(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> bool:
+        """Publish state that is not spooled (stats, overlay images): sent when connected, else counted and skipped."""
+        if not self.connected:
+            self.skipped_offline += 1
+            return False
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def set_camera_status(self, camera: str, state: str) -> None:
+        """Remember a camera's state and publish it retained (again after every reconnect)."""
+        if self._camera_state.get(camera) == state:
+            return
+        self._camera_state[camera] = state
+        if self.connected:
+            self.client.publish(self.topics.camera_status(camera), state, qos=1, retain=True)
+
+    @property
+    def inflight(self) -> int:
+        """Spooled messages handed to paho and not yet acknowledged."""
+        return len(self._inflight)
+
+    def _pump(self) -> None:
+        while True:
+            with self._wake:
+                if not self._new:
+                    self._wake.wait(0.5)
+                self._new = False
+            with self._lock:
+                acked, self._acked_ids = self._acked_ids, []
+                now = time.monotonic()
+                for mid in [m for m, t in self._early.items() if now - t > 10.0]:
+                    del self._early[mid]
+            if acked:
+                self.acked += self.spool.ack(acked)
+            if self._stop.is_set():
+                return
+            if not self.connected:
+                continue
+            settle = _SETTLE_AFTER_CONNECT_S - (time.monotonic() - self._connected_at)
+            if settle > 0:
+                time.sleep(settle)
+            room = self.cfg.max_inflight - len(self._inflight)
+            if room <= 0:
+                continue
+            for item in self.spool.pending(after_id=self._cursor, limit=room):
+                if not self._hand_over(item):
+                    break
+            if acked:
+                time.sleep(_ACK_BATCH_S)  # let PUBACKs accumulate: fewer, larger delete transactions
+
+    def _hand_over(self, item: SpoolItem) -> bool:
+        props = None
+        if item.correlation is not None:
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = item.correlation
+        info = self.client.publish(item.topic, item.payload, qos=item.qos, retain=item.retain, properties=props)
+        # QoS>0: paho keeps the message (and resends it after a reconnect) even when it answers NO_CONN
+        held = info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (item.qos > 0 and info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN)
+        if not held:
+            log.debug("publish of spooled message %d deferred: %s", item.id, paho.error_string(info.rc))
+            return False
+        with self._lock:
+            if self._early.pop(info.mid, None) is not None:
+                self._acked_ids.append(item.id)
+            else:
+                self._inflight[info.mid] = item.id
+            self._cursor = max(self._cursor, item.id)
+        self.sent += 1
+        return True
+
+    # -- shutdown --------------------------------------------------------------------------------------------------
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until the spool is empty (every message acknowledged) or ``timeout`` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.spool.depth == 0:
+                return True
+            if not self.connected:
+                break
+            self._notify()
+            time.sleep(0.02)
+        return self.spool.depth == 0
+
+    def close(self, flush_s: float = 2.0, publish_stopped: bool = True) -> None:
+        """Clean exit: flush the spool (up to ``flush_s``), publish retained ``stopped``, disconnect."""
+        flushed = self.flush(flush_s)
+        if not flushed:
+            log.warning("MQTT: %d message(s) still spooled at exit; they are sent after the next start",
+                        self.spool.depth)  # fmt: skip
+        self._stop.set()
+        if publish_stopped and self.connected:
+            info = self.client.publish(self.topics.status, "stopped", qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=1.0)
+            except (RuntimeError, ValueError) as exc:
+                log.debug("'stopped' not confirmed: %s", exc)
+        self._notify()
+        if self._pump_thread is not None:
+            self._pump_thread.join(timeout=2)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._connected.clear()
+        with self._lock:
+            acked, self._acked_ids = self._acked_ids, []
+        self.acked += self.spool.ack(acked)
