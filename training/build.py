@@ -44,7 +44,13 @@ def load_model(run: str | Path) -> tuple[ReverseDistillation, TrainConfig, dict[
     ckpt = load_checkpoint(run)
     cfg = parse_train_config(ckpt["config"], f"{run} (stored config)")
     model = build_model(cfg, pretrained=False)  # every weight, teacher included, is in the checkpoint
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        first = str(exc).split("\n\t")[1] if "\n\t" in str(exc) else str(exc)[:200]
+        raise CheckpointError(
+            f"{run}: checkpoint does not fit the {cfg.model.backbone} architecture ({first.strip()})"
+        ) from None
     if missing or unexpected:
         raise CheckpointError(
             f"{run}: checkpoint does not fit the {cfg.model.backbone} architecture "

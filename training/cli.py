@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +31,9 @@ def make_demo_data_command(args: argparse.Namespace) -> int:
 
 def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="rdedge train")
-    p.add_argument("--data", required=True, type=Path, help="MVTec-layout category (train/good) or a folder of good images")
+    p.add_argument(
+        "--data", required=True, type=Path, help="MVTec-layout category (train/good) or a folder of good images"
+    )
     p.add_argument("--out", required=True, type=Path, help="run folder: checkpoints, log.jsonl, config.json")
     p.add_argument("--config", type=Path, help="YAML training config (command-line options override it)")
     p.add_argument("--backbone", help=f"teacher: {_BACKBONES}")
@@ -38,6 +41,7 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--epochs", type=int, help="passes over the training images (default 200)")
     p.add_argument("--image-size", type=int, help="square input side, multiple of 32 (default 256)")
     p.add_argument("--batch-size", type=int, help="images per step (default 16)")
+    p.add_argument("--max-images", type=int, help="use at most N train/good images, chosen evenly (default all)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 0.005)")
     p.add_argument("--max-minutes", type=float, help="stop at the end of the epoch that passes this wall time")
     p.add_argument("--device", choices=["cpu", "cuda"], help="cpu or cuda (default cpu)")
@@ -64,12 +68,14 @@ def train_command(args: argparse.Namespace) -> int:
         "optim.lr": args.lr,
         "optim.max_minutes": args.max_minutes,
         "data.image_size": args.image_size,
+        "data.max_images": args.max_images,
         "device": args.device,
         "seed": args.seed,
     }
     cfg = load_train_config(args.config, overrides)
     best = fit(cfg, args.data, args.out, resume=args.resume, aux_dir=args.aux, show_progress=not args.no_progress)
-    print(best)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(best)
     return 0
 
 

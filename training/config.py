@@ -23,6 +23,9 @@ class DataConfig(_Strict):
     image_size: int = Field(256, ge=32, le=2048, description="square input side in pixels (multiple of 32)")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of train/good kept aside for validation")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    max_images: int | None = Field(
+        None, ge=2, description="use at most this many train/good images, chosen evenly from the sorted list"
+    )
 
 
 class ModelConfig(_Strict):

@@ -95,9 +95,7 @@ def read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
     return m > 0
 
 
-def preprocess(
-    bgr: np.ndarray, size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]
-) -> np.ndarray:
+def preprocess(bgr: np.ndarray, size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     """uint8 BGR ``(H, W, 3)`` -> float32 ``(3, size_h, size_w)``, normalised. Mirrors ``runtime.preprocess``."""
     rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     rgb = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
@@ -134,7 +132,13 @@ def split_train_val(samples: list[Sample], val_fraction: float, seed: int) -> tu
     return train, val
 
 
-def discover(root: str | Path, val_fraction: float = 0.1, seed: int = 0, need_test: bool = False) -> Splits:
+def discover(
+    root: str | Path,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    need_test: bool = False,
+    max_images: int | None = None,
+) -> Splits:
     """Find the samples of an MVTec-layout category, or of a plain folder of good images.
 
     Args:
@@ -142,6 +146,7 @@ def discover(root: str | Path, val_fraction: float = 0.1, seed: int = 0, need_te
         val_fraction: share of the good training images kept aside for model selection and thresholds.
         seed: makes the split deterministic.
         need_test: require a ``test/`` folder (evaluation).
+        max_images: keep at most this many good training images, chosen evenly from the sorted list.
     """
     root = Path(root)
     if not root.is_dir():
@@ -155,6 +160,9 @@ def discover(root: str | Path, val_fraction: float = 0.1, seed: int = 0, need_te
         raise DataError(f"{root} is not an MVTec-layout category: missing train/good and test/")
     else:
         good = [Sample(p) for p in list_images(root, strict=True)]
+    if max_images is not None and len(good) > max_images:
+        keep = np.linspace(0, len(good) - 1, max_images).round().astype(int)
+        good = [good[i] for i in keep]
     train, val = split_train_val(good, val_fraction, seed)
     test: list[Sample] = []
     test_dir = root / "test"

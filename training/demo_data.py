@@ -50,8 +50,17 @@ def _defect(rng: np.random.Generator, img: np.ndarray, kind: str) -> tuple[np.nd
         cv2.line(mask, (int(x - dx), int(y - dy)), (int(x + dx), int(y + dy)), 255, max(1, size // 64))
         value = 235
     elif kind == "spot":
-        cv2.ellipse(mask, (x, y), (int(rng.integers(3, size // 14)), int(rng.integers(3, size // 14))),
-                    float(rng.uniform(0, 180)), 0, 360, 255, -1)
+        hi = max(size // 14, 4)
+        cv2.ellipse(
+            mask,
+            (x, y),
+            (int(rng.integers(2, hi)), int(rng.integers(2, hi))),
+            float(rng.uniform(0, 180)),
+            0,
+            360,
+            255,
+            -1,
+        )
         value = 60
     elif kind == "crack":
         pts = [(x, y)]
@@ -63,7 +72,8 @@ def _defect(rng: np.random.Generator, img: np.ndarray, kind: str) -> tuple[np.nd
         cv2.polylines(mask, [np.array(pts, np.int32)], False, 255, max(1, size // 80))
         value = 15
     elif kind == "missing":
-        w, h = int(rng.integers(size // 10, size // 6)), int(rng.integers(size // 10, size // 6))
+        lo, hi = max(size // 10, 2), max(size // 6, 3)
+        w, h = int(rng.integers(lo, hi)), int(rng.integers(lo, hi))
         cv2.rectangle(mask, (x - w // 2, y - h // 2), (x + w // 2, y + h // 2), 255, -1)
         value = 40
     else:

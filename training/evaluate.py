@@ -82,9 +82,13 @@ def compute_metrics(pred: Predictions) -> dict[str, Any]:
     defects = np.array([s.defect for s in pred.samples])
     f1, thr, p, r = f1_max(pred.scores, labels)
     out: dict[str, Any] = {
-        "n_images": int(labels.size), "n_defective": int(labels.sum()),
-        "image_auroc": auroc(pred.scores, labels), "image_f1_max": f1,
-        "f1_max_threshold": thr, "f1_max_precision": p, "f1_max_recall": r,
+        "n_images": int(labels.size),
+        "n_defective": int(labels.sum()),
+        "image_auroc": auroc(pred.scores, labels),
+        "image_f1_max": f1,
+        "f1_max_threshold": thr,
+        "f1_max_precision": p,
+        "f1_max_recall": r,
     }
     if pred.masks is not None and pred.maps is not None:
         out["pixel_auroc"] = auroc(pred.maps, pred.masks)
@@ -146,7 +150,7 @@ def evaluate(
     model.to(dev)
     spec = get_spec(cfg.model.backbone)
     size = (cfg.data.image_size, cfg.data.image_size)
-    splits = discover(data, cfg.data.val_fraction, cfg.seed, need_test=True)
+    splits = discover(data, cfg.data.val_fraction, cfg.seed, need_test=True, max_images=cfg.data.max_images)
     scorer = AnomalyScorer(size, cfg.model.sigma)
     test = predict(model, scorer, splits.test, size, spec.mean, spec.std, dev, batch_size, True, show_progress)
     metrics = compute_metrics(test)

@@ -72,9 +72,14 @@ def write_report(
         (out / "overlays").mkdir(exist_ok=True)
         groups = {
             "Worst-scored good images (highest scores: false-alarm risks)": [
-                i for i in np.argsort(-pred.scores) if labels[i] == 0][:n_show],
-            "Best-scored defect images (highest scores)": [i for i in np.argsort(-pred.scores) if labels[i] == 1][:n_show],
-            "Lowest-scored defect images (misses first)": [i for i in np.argsort(pred.scores) if labels[i] == 1][:n_show],
+                i for i in np.argsort(-pred.scores) if labels[i] == 0
+            ][:n_show],
+            "Best-scored defect images (highest scores)": [i for i in np.argsort(-pred.scores) if labels[i] == 1][
+                :n_show
+            ],
+            "Lowest-scored defect images (misses first)": [i for i in np.argsort(pred.scores) if labels[i] == 1][
+                :n_show
+            ],
         }
         for title, idxs in groups.items():
             cells = []
@@ -83,8 +88,9 @@ def write_report(
                 name = f"{s.defect}_{s.path.stem}.png"
                 panel = _overlay(read_image(s.path), pred.maps[i], vmax, size)
                 if pred.masks is not None and pred.masks[i].any():
-                    contours, _ = cv2.findContours(pred.masks[i].astype(np.uint8), cv2.RETR_EXTERNAL,
-                                                   cv2.CHAIN_APPROX_SIMPLE)
+                    contours, _ = cv2.findContours(
+                        pred.masks[i].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+                    )
                     cv2.drawContours(panel, contours, -1, (255, 255, 255), 1)
                 cv2.imwrite(str(out / "overlays" / name), panel)
                 cells.append((f"overlays/{name}", f"{s.defect}/{s.path.name} score {pred.scores[i]:.4f}"))
@@ -104,7 +110,8 @@ def write_report(
         f"<p>At the threshold set from defect-free validation images only ({fmt(op['threshold'])}): "
         f"false-alarm rate {fmt(op['false_alarm_rate'])}, recall {fmt(op['recall'])}, "
         f"precision {fmt(op['precision'])} on the test set.</p>"
-        if op else ""
+        if op
+        else ""
     )
     gallery = "".join(
         f"<h3>{html.escape(t)}</h3><div class='g'>"
@@ -118,10 +125,10 @@ td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child{{
 .g{{display:flex;flex-wrap:wrap;gap:8px}}figure{{margin:0}}figure img{{width:200px}}
 figcaption{{font-size:12px}}</style></head><body>
 <h1>rdedge evaluation</h1>
-<p>run <code>{html.escape(str(metrics.get('run')))}</code>, data <code>{html.escape(str(metrics.get('data')))}</code>,
-backbone {html.escape(str(metrics.get('backbone')))}, {metrics.get('image_size')} px, epoch {metrics.get('epoch')},
-{metrics['n_images']} test images ({metrics['n_defective']} defective).</p>
-<table><tr><th></th>{''.join(f'<th>{k}</th>' for k in keys)}</tr>{table}</table>
+<p>run <code>{html.escape(str(metrics.get("run")))}</code>, data <code>{html.escape(str(metrics.get("data")))}</code>,
+backbone {html.escape(str(metrics.get("backbone")))}, {metrics.get("image_size")} px, epoch {metrics.get("epoch")},
+{metrics["n_images"]} test images ({metrics["n_defective"]} defective).</p>
+<table><tr><th></th>{"".join(f"<th>{k}</th>" for k in keys)}</tr>{table}</table>
 {op_html}
 <p><img src="roc.png"> <img src="histogram.png"></p>
 {gallery}

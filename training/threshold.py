@@ -32,7 +32,9 @@ class Threshold:
         return asdict(self)
 
 
-def calibrate_threshold(good_scores: np.ndarray, target_false_alarm_rate: float = 0.01, margin: float = 0.1) -> Threshold:
+def calibrate_threshold(
+    good_scores: np.ndarray, target_false_alarm_rate: float = 0.01, margin: float = 0.1
+) -> Threshold:
     """Threshold on defect-free scores; raises ValueError when there are none."""
     s = np.asarray(good_scores, np.float64).ravel()
     if s.size == 0:
@@ -43,8 +45,13 @@ def calibrate_threshold(good_scores: np.ndarray, target_false_alarm_rate: float 
     qv, med = float(np.quantile(s, q)), float(np.median(s))
     value = qv + margin * max(qv - med, 0.0)
     stats = {
-        "n": float(s.size), "min": float(s.min()), "median": med, "mean": float(s.mean()), "std": float(s.std()),
-        "max": float(s.max()), f"q{q:g}": qv,
+        "n": float(s.size),
+        "min": float(s.min()),
+        "median": med,
+        "mean": float(s.mean()),
+        "std": float(s.std()),
+        "max": float(s.max()),
+        f"q{q:g}": qv,
         "val_false_alarm_rate": float((s >= value).mean()),
     }
     return Threshold(value, "quantile+margin", target_false_alarm_rate, margin, int(s.size), stats)

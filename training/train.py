@@ -175,6 +175,8 @@ def fit(
         Path of the best checkpoint (lowest validation loss; the last one if there is no validation split).
     """
     dinfo = init_distributed(cfg.device)
+    if not dinfo.is_main:
+        logging.getLogger("training").setLevel(logging.WARNING)  # rank 0 logs for everyone
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: 'cuda' requested but no CUDA device is available; use --device cpu")
     device = torch.device("cuda", dinfo.local_rank) if cfg.device == "cuda" else torch.device("cpu")
@@ -182,7 +184,7 @@ def fit(
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
 
-    splits = discover(data, cfg.data.val_fraction, cfg.seed)
+    splits = discover(data, cfg.data.val_fraction, cfg.seed, max_images=cfg.data.max_images)
     size = (cfg.data.image_size, cfg.data.image_size)
     model = build_model(cfg).to(device)
     spec_mean, spec_std = _norm(cfg)
@@ -197,8 +199,12 @@ def fit(
         if not last.is_file():
             raise CheckpointError(f"--resume: no {LAST} in {out}")
         ckpt = load_checkpoint(last)
-        if ckpt["config"] != cfg.model_dump(mode="json"):
-            raise ConfigError(f"--resume: the config differs from the one stored in {last}; use a new --out")
+        diff = _config_diff(ckpt["config"], cfg.model_dump(mode="json"))
+        if diff:
+            raise ConfigError(
+                f"--resume: {', '.join(diff)} differ(s) from the config stored in {last}; "
+                "only optim.epochs and optim.max_minutes may change on resume (use a new --out otherwise)"
+            )
         model.load_state_dict(ckpt["model"])
         for opt, state in zip(optimizers, ckpt["optimizer"], strict=True):
             opt.load_state_dict(state)
@@ -234,8 +240,14 @@ def fit(
         (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
         log.info(
             "training %s RD on %d images (%d validation, %d skipped), %dx%d, batch %d, %d epochs, device %s",
-            cfg.model.backbone, len(train_ds), len(splits.val), len(train_ds.skipped), *size,
-            cfg.optim.batch_size, cfg.optim.epochs, device,
+            cfg.model.backbone,
+            len(train_ds),
+            len(splits.val),
+            len(train_ds.skipped),
+            *size,
+            cfg.optim.batch_size,
+            cfg.optim.epochs,
+            device,
         )
     t_start = time.perf_counter()
     epoch = start_epoch - 1
@@ -246,7 +258,8 @@ def fit(
             train_model, objective, optimizers, loader, device, epoch, cfg.optim.epochs, show_progress and dinfo.is_main
         )
         val_loss = math.nan
-        if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.optim.epochs):
+        due = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.optim.epochs
+        if dinfo.is_main and val_loader is not None and due:
             val_loss = validate(model, val_loader, device)
         elapsed = time.perf_counter() - t_start
         if dinfo.is_main:
@@ -270,10 +283,18 @@ def fit(
             _log_jsonl(out / "log.jsonl", record)
             log.info(
                 "epoch %d/%d loss %.4f val %.4f%s  %.1f img/s  %.0fs",
-                epoch + 1, cfg.optim.epochs, stats["loss"], val_loss, " *" if improved else "",
-                stats["images_per_s"], elapsed,
+                epoch + 1,
+                cfg.optim.epochs,
+                stats["loss"],
+                val_loss,
+                " *" if improved else "",
+                stats["images_per_s"],
+                elapsed,
             )
-        if cfg.optim.max_minutes is not None and elapsed > cfg.optim.max_minutes * 60:
+        stop = [cfg.optim.max_minutes is not None and elapsed > cfg.optim.max_minutes * 60]
+        if dinfo.world_size > 1:
+            dist.broadcast_object_list(stop, src=0)  # every rank must leave the loop at the same epoch
+        if stop[0]:
             log.info("optim.max_minutes=%.1f reached after epoch %d", cfg.optim.max_minutes, epoch + 1)
             break
     if dist.is_initialized():
@@ -284,8 +305,24 @@ def fit(
         import shutil
 
         shutil.copyfile(out / LAST, out / BEST)
-    log.info("done: best validation loss %.5f at epoch %d -> %s", best, history_best_epoch + 1, out / BEST)
+    if dinfo.is_main:
+        log.info("done: best validation loss %.5f at epoch %d -> %s", best, history_best_epoch + 1, out / BEST)
     return out / BEST
+
+
+def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths whose values differ, ignoring the settings that a resume may extend."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}{key}"
+        if path in ("optim.epochs", "optim.max_minutes"):
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diff(a, b, path + ".")
+        elif a != b:
+            out.append(path)
+    return out
 
 
 def _norm(cfg: TrainConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:

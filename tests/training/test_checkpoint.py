@@ -1,0 +1,80 @@
+"""Checkpoints: plain dicts loaded with weights_only=True, exact score round trip, clear errors, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.anomaly_map import AnomalyScorer
+from training.backbones import get_spec
+from training.build import load_model
+from training.checkpoint import BEST, LAST, load_checkpoint
+from training.config import load_train_config
+from training.data import ImageDataset, discover
+from training.errors import CheckpointError, ConfigError
+from training.train import fit
+
+
+def _scores(run: Path, category: Path) -> np.ndarray:
+    model, cfg, _ = load_model(run)
+    spec = get_spec(cfg.model.backbone)
+    size = (cfg.data.image_size,) * 2
+    ds = ImageDataset(discover(category, need_test=True).test, size, spec.mean, spec.std, skip_unreadable=False)
+    x = torch.from_numpy(np.stack([ds[i]["image"] for i in range(len(ds))]))
+    with torch.no_grad():
+        feats, recon = model(x)
+        return AnomalyScorer(size)(*feats, *recon)[1].numpy()
+
+
+def test_checkpoint_is_a_plain_dict_with_config_and_seed(tiny_run: Path) -> None:
+    ckpt = torch.load(tiny_run / BEST, map_location="cpu", weights_only=True)
+    assert ckpt["format"] == "rdedge-checkpoint" and ckpt["seed"] == 0
+    assert ckpt["config"]["model"]["backbone"] == "efficientnet_lite0"
+    assert all(isinstance(v, torch.Tensor) for v in ckpt["model"].values())
+    assert ckpt["aux"] is None
+    assert ckpt["split"]["val"], "the validation file list is kept for threshold calibration"
+    log = [json.loads(x) for x in (tiny_run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and all("val_loss" in r and "images_per_s" in r for r in log)
+
+
+def test_round_trip_reproduces_scores_exactly(tiny_run: Path, demo_category: Path) -> None:
+    a = _scores(tiny_run, demo_category)
+    b = _scores(tiny_run / BEST, demo_category)
+    assert a.shape == (len(discover(demo_category, need_test=True).test),)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_foreign_and_missing_checkpoints(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no checkpoint_best.pt or checkpoint_last.pt"):
+        load_checkpoint(tmp_path)
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not an rdedge checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="garbage.pt"):
+        load_checkpoint(tmp_path / "garbage.pt")
+
+
+def test_wrong_architecture_is_refused(tiny_run: Path, tmp_path: Path) -> None:
+    ckpt = load_checkpoint(tiny_run / BEST)
+    ckpt["config"]["model"]["backbone"] = "resnet18"
+    torch.save(ckpt, tmp_path / "mixed.pt")
+    with pytest.raises(CheckpointError, match="does not fit the resnet18 architecture"):
+        load_model(tmp_path / "mixed.pt")
+
+
+def test_resume_continues_and_refuses_a_changed_model(demo_category: Path, tmp_path: Path) -> None:
+    base = {"data.image_size": 64, "optim.batch_size": 8}
+    fit(load_train_config(None, {**base, "optim.epochs": 1}), demo_category, tmp_path, show_progress=False)
+    changed = load_train_config(None, {**base, "optim.epochs": 2, "data.image_size": 96})
+    with pytest.raises(ConfigError, match="data.image_size"):
+        fit(changed, demo_category, tmp_path, resume=True, show_progress=False)
+    longer = load_train_config(None, {**base, "optim.epochs": 2})  # more epochs is what resume is for
+    fit(longer, demo_category, tmp_path, resume=True, show_progress=False)
+    assert load_checkpoint(tmp_path / LAST)["epoch"] == 1
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
