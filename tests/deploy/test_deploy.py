@@ -156,7 +156,7 @@ def test_unit_settings() -> None:
     pre = one(unit, svc, "ExecStartPre").split()
     assert start[0] == pre[0] == "/opt/rdedge/venv/bin/rdedge"
     assert start[1:] == ["run", "--config", "/etc/rdedge/config.yaml"]
-    assert pre[1:] == ["check-config", "/etc/rdedge/config.yaml"]
+    assert pre[1:] == ["check-config", "--strict", "/etc/rdedge/config.yaml"]  # on the box: files must exist
 
     assert one(unit, svc, "User") == "rdedge"
     assert "video" in one(unit, svc, "SupplementaryGroups").split()
@@ -400,6 +400,15 @@ def test_example_config_passes_check_config_cli() -> None:
         [*_rdedge(), "check-config", str(EXAMPLE)], capture_output=True, text=True, timeout=60, cwd=REPO
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # The unit runs it with --strict: on this box the example's bundle and CA do not exist, so that must fail
+    # and name the fields (that is what stops a half-installed box from starting).
+    if Path("/opt/rdedge/bundles/current/manifest.json").exists():
+        pytest.skip("this box has an installed bundle")
+    strict = subprocess.run(
+        [*_rdedge(), "check-config", "--strict", str(EXAMPLE)], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert strict.returncode != 0
+    assert "bundle" in strict.stdout + strict.stderr
 
 
 # -------------------------------------------------------------------------------------------------- mosquitto
