@@ -463,6 +463,8 @@ class MqttLink:
         self._notify()
         if self._pump_thread is not None:
             self._pump_thread.join(timeout=2)
+        # paho's network thread logs a spurious "Client is not connected" error while winding down
+        logging.getLogger("runtime.mqtt.paho").setLevel(logging.CRITICAL)
         self.client.disconnect()
         self.client.loop_stop()
         self._connected.clear()

@@ -94,12 +94,14 @@ class Broker:
         users: dict[str, str] | None = None,
         require_client_cert: bool = True,
         port: int | None = None,
+        persistence: bool = False,
     ) -> None:
         self.work_dir = work_dir
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.tls = tls
         self.users = users
         self.require_client_cert = require_client_cert
+        self.persistence = persistence
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -108,8 +110,12 @@ class Broker:
         self._write_conf()
 
     def _write_conf(self) -> None:
-        lines = [f"listener {self.port} 127.0.0.1", "persistence false", f"log_dest file {self.log_path}",
-                 "log_type all", "max_inflight_messages 0", "max_queued_messages 0"]  # fmt: skip
+        lines = [f"listener {self.port} 127.0.0.1", f"log_dest file {self.log_path}", "log_type all",
+                 "max_inflight_messages 0", "max_queued_messages 0"]  # fmt: skip
+        if self.persistence:  # subscribers' sessions survive a restart (the runtime itself relies on its spool)
+            lines += ["persistence true", f"persistence_location {self.work_dir}/"]
+        else:
+            lines.append("persistence false")
         if os.geteuid() == 0:
             lines.append("user root")  # else mosquitto drops to 'mosquitto' and cannot read pytest's 0700 tmp dirs
         if self.users is not None:
@@ -186,7 +192,7 @@ class Collector:
     """
 
     def __init__(self, broker: Broker, topics: list[str], *, tls: Certs | None = None,
-                 user: tuple[str, str] | None = None) -> None:  # fmt: skip
+                 user: tuple[str, str] | None = None, session: str | None = None) -> None:  # fmt: skip
         import threading
 
         import paho.mqtt.client as paho
@@ -196,7 +202,11 @@ class Collector:
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._subscribed = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+        # session: a fixed client id with a persistent session (with a Broker(persistence=True), messages
+        # published while this subscriber is away, even across a broker restart, are queued for it)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=session or "", protocol=MQTTProtocolVersion.MQTTv5
+        )
         if tls is not None:
             self.client.tls_set(ca_certs=str(tls.ca), certfile=str(tls.client_cert), keyfile=str(tls.client_key))
         if user is not None:
@@ -206,7 +216,14 @@ class Collector:
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a: self._subscribed.set()
         self.client.reconnect_delay_set(1, 1)
-        self.client.connect(broker.host, broker.port, keepalive=10)
+        props = None
+        if session is not None:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 600
+        self.client.connect(broker.host, broker.port, keepalive=10, clean_start=session is None, properties=props)
         self.client.loop_start()
         if not self._subscribed.wait(10):
             raise RuntimeError("collector could not subscribe")

@@ -1,0 +1,409 @@
+"""The inspection service: cameras -> model -> spool -> MQTT, under systemd (``rdedge run --config FILE``).
+
+Threads: one grabber per camera (:mod:`runtime.capture`), paho's network thread and the spool pump
+(:mod:`runtime.mqtt`), a stats timer, the systemd watchdog pinger, and the *scoring loop* in the calling thread. The
+loop goes round-robin over the cameras (one model, no lock needed): a continuous camera is scored whenever it has a
+frame newer than the last one scored; a triggered camera only when a trigger is queued, on the first frame grabbed
+after the trigger arrived. Every verdict is committed to the spool before it is published (docs/mqtt.md).
+
+Shutdown (SIGTERM/SIGINT or ``stop_event``): ``STOPPING=1``, the frame in flight is finished, grabbers stop, the spool
+is flushed for up to 2 s (only while connected), ``stopped`` is published (retained), then disconnect -- well inside
+systemd's default 5 s budget we promise. When every camera has ended (folder once, video without loop) the service
+flushes (waiting up to ``END_FLUSH_S`` for the broker) and exits 0.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import signal
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from runtime.capture import Frame, FrameGrabber
+from runtime.config import CameraConfig, RuntimeConfig
+from runtime.engine import AnomalyModel, Prediction
+from runtime.errors import RdedgeError
+from runtime.health import LatencyTracker, Watchdog, sd_notify
+from runtime.mqtt import MqttLink, TriggerRequest
+from runtime.spool import OutMessage, Spool
+
+log = logging.getLogger(__name__)
+
+STOP_FLUSH_S = 2.0
+END_FLUSH_S = 10.0
+TRIGGER_QUEUE_MAX = 64
+
+
+@dataclass
+class _CamState:
+    cfg: CameraConfig
+    grabber: FrameGrabber
+    last_seq: int = -1
+    scored: int = 0
+    ng: int = 0
+    triggers: collections.deque[TriggerRequest] = field(default_factory=collections.deque)
+
+
+def _json(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+class Service:
+    """One running inspection service; :func:`run_service` is the entry point."""
+
+    def __init__(self, cfg: RuntimeConfig, stop_event: threading.Event) -> None:
+        self.cfg = cfg
+        self.stop = stop_event
+        self.started = time.monotonic()
+        self.tracker = LatencyTracker()
+        self.watchdog = Watchdog()
+        self.model: AnomalyModel | None = None
+        self.spool: Spool | None = None
+        self.link: MqttLink | None = None
+        self.cams: dict[str, _CamState] = {}
+        self._trigger_lock = threading.Lock()
+        self._trigger_event = threading.Event()
+        self._local_seq = 0
+        self._ready = False
+        self.frames_scored = 0
+        self.frames_ng = 0
+        self.frame_errors = 0
+        self._saved: collections.deque[Path] = collections.deque()
+        self._stats_thread: threading.Thread | None = None
+
+    # -- start-up ----------------------------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Load the model, open spool and MQTT, start the grabbers. Raises :class:`RdedgeError` on bad inputs."""
+        cfg = self.cfg
+        t0 = time.monotonic()
+        self.model = AnomalyModel(cfg.bundle, cfg.backend, verify=True, threshold=cfg.threshold)
+        self.model.warmup(1)
+        log.info("bundle %s ready in %.2f s (model %s, threshold %.6g)", cfg.bundle, time.monotonic() - t0,
+                 self.model.model_id, self.model.threshold)  # fmt: skip
+        if cfg.mqtt is not None:
+            try:
+                self.spool = Spool(cfg.spool.path, cfg.spool.max_messages, cfg.spool.max_age_s)
+            except (sqlite3.Error, OSError) as exc:
+                raise RdedgeError(f"spool {cfg.spool.path}: cannot open: {exc}") from None
+            triggered = [c.name for c in cfg.cameras if c.mode == "triggered"]
+            self.link = MqttLink(cfg.mqtt, self.spool, [c.name for c in cfg.cameras], triggered, self._on_trigger)
+            self.link.start()
+        else:
+            log.warning("mqtt: null -- verdicts are only logged, nothing is published or spooled")
+        if cfg.alerts.save_dir is not None:
+            cfg.alerts.save_dir.mkdir(parents=True, exist_ok=True)
+            self._saved.extend(sorted(cfg.alerts.save_dir.glob("*.jpg"), key=lambda p: p.stat().st_mtime))
+        for cam in cfg.cameras:
+            self.cams[cam.name] = _CamState(cam, FrameGrabber(cam, on_state=self._on_camera_state))
+        for st in self.cams.values():
+            st.grabber.start()
+        self.watchdog.start()
+        self._stats_thread = threading.Thread(target=self._stats_loop, name="stats", daemon=True)
+        self._stats_thread.start()
+        if all(c.mode == "triggered" for c in cfg.cameras):
+            self._mark_ready()  # nothing is scored before the first trigger; the warm-up frame was scored
+
+    def _mark_ready(self) -> None:
+        if self._ready:
+            return
+        self._ready = True
+        sd_notify("READY=1", f"STATUS=scoring {len(self.cams)} camera(s)")
+        log.info("ready: first verdict %.2f s after start", time.monotonic() - self.started)
+
+    def _on_camera_state(self, camera: str, state: str) -> None:
+        if self.link is not None:
+            self.link.set_camera_status(camera, state)
+
+    def _on_trigger(self, req: TriggerRequest) -> None:
+        st = self.cams.get(req.camera)
+        if st is None:
+            return
+        with self._trigger_lock:
+            if len(st.triggers) >= TRIGGER_QUEUE_MAX:
+                if self.link is not None:
+                    self.link.publish_error(req.camera, f"trigger queue full ({TRIGGER_QUEUE_MAX})", req.id,
+                                            req.response_topic, req.correlation)  # fmt: skip
+                return
+            st.triggers.append(req)
+        self._trigger_event.set()
+
+    # -- scoring loop ------------------------------------------------------------------------------------------------
+
+    def loop(self) -> None:
+        """Score until stopped or every camera has ended."""
+        cams = list(self.cams.values())
+        poll = 0.1 / len(cams)
+        while not self.stop.is_set():
+            self.watchdog.progress()
+            busy = False
+            live = 0
+            for st in cams:
+                if self.stop.is_set():
+                    break
+                ended = st.grabber.state == "ended"
+                if st.cfg.mode == "continuous":
+                    frame = st.grabber.latest(timeout=0.0 if busy else poll, newer_than=st.last_seq)
+                    if frame is not None:
+                        self._score(st, frame, None)
+                        busy = True
+                        live += 1
+                    elif not ended:
+                        live += 1
+                else:
+                    if self._serve_trigger(st):
+                        busy = True
+                    if not ended:
+                        live += 1
+            if live == 0:
+                log.info("every camera has ended")
+                return
+            if not busy and all(c.cfg.mode == "triggered" for c in cams):
+                self._trigger_event.wait(0.1)
+                self._trigger_event.clear()
+
+    def _serve_trigger(self, st: _CamState) -> bool:
+        with self._trigger_lock:
+            req = st.triggers.popleft() if st.triggers else None
+        if req is None:
+            return False
+        wall_at_trigger = time.time() - (time.monotonic() - req.received)
+        deadline = time.monotonic() + st.cfg.no_frame_timeout_s
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            self.watchdog.progress()
+            frame = st.grabber.latest(timeout=min(0.1, max(0.0, deadline - time.monotonic())), newer_than=st.last_seq)
+            if frame is None:
+                if st.grabber.state == "ended":
+                    break
+                continue
+            st.last_seq = frame.seq
+            if frame.timestamp >= wall_at_trigger:  # grabbed after the trigger arrived: fresh
+                self._score(st, frame, req)
+                return True
+        why = "camera ended" if st.grabber.state == "ended" else f"no fresh frame within {st.cfg.no_frame_timeout_s} s"
+        log.warning("camera %s: trigger %r not served: %s", st.cfg.name, req.id, why)
+        if self.link is not None:
+            self.link.publish_error(st.cfg.name, why, req.id, req.response_topic, req.correlation)
+        return True
+
+    def _score(self, st: _CamState, frame: Frame, trigger: TriggerRequest | None) -> None:
+        assert self.model is not None
+        st.last_seq = frame.seq
+        try:
+            pred = self.model.predict(frame.image, roi=st.cfg.roi)
+        except ValueError as exc:  # unsupported frame, ROI outside the frame: keep serving
+            self.frame_errors += 1
+            log.error("camera %s frame %d: cannot score: %s", st.cfg.name, frame.seq, exc)
+            if trigger is not None and self.link is not None:
+                self.link.publish_error(st.cfg.name, f"cannot score: {exc}", trigger.id, trigger.response_topic,
+                                        trigger.correlation)  # fmt: skip
+            return
+        self.tracker.record(pred.timings_ms)
+        st.scored += 1
+        self.frames_scored += 1
+        if pred.is_ng:
+            st.ng += 1
+            self.frames_ng += 1
+        image_path, jpeg = self._overlay(st, frame, pred) if pred.is_ng else (None, None)
+        seq = self._emit(st, frame, pred, trigger, image_path, jpeg is not None)
+        if jpeg is not None and self.link is not None:
+            self.link.publish_volatile(self.link.topics.alert_image(st.cfg.name), jpeg, qos=0)
+        log.debug("camera %s seq %d: %s score %.5f", st.cfg.name, seq, "NG" if pred.is_ng else "OK", pred.score)
+        if not self._ready:
+            self._mark_ready()
+
+    def _overlay(self, st: _CamState, frame: Frame, pred: Prediction) -> tuple[str | None, bytes | None]:
+        alerts = self.cfg.alerts
+        if alerts.save_dir is None and not alerts.publish_image:
+            return None, None
+        from runtime.overlay import encode_jpeg, overlay_heatmap
+
+        img = frame.image
+        roi = st.cfg.roi
+        if roi is not None:
+            img = img[roi.y : roi.y + roi.height, roi.x : roi.x + roi.width]
+        assert self.model is not None
+        try:
+            jpeg = encode_jpeg(overlay_heatmap(img, pred.anomaly_map, self.model.threshold), alerts.jpeg_quality)
+        except (ValueError, Exception) as exc:  # an overlay must never stop inspection
+            log.error("camera %s: overlay failed: %s", st.cfg.name, exc)
+            return None, None
+        path = None
+        if alerts.save_dir is not None:
+            p = alerts.save_dir / f"{st.cfg.name}_{int(frame.timestamp * 1000)}_{frame.seq}.jpg"
+            try:
+                p.write_bytes(jpeg)
+                path = str(p)
+                self._saved.append(p)
+                while len(self._saved) > alerts.max_saved:
+                    self._saved.popleft().unlink(missing_ok=True)
+            except OSError as exc:
+                log.error("cannot save overlay %s: %s", p, exc)
+        return path, (jpeg if alerts.publish_image else None)
+
+    def _emit(
+        self,
+        st: _CamState,
+        frame: Frame,
+        pred: Prediction,
+        trigger: TriggerRequest | None,
+        image_path: str | None,
+        image_published: bool,
+    ) -> int:
+        assert self.model is not None
+        now = time.time()
+        cam = st.cfg.name
+        device = self.cfg.mqtt.device_id if self.cfg.mqtt else "rdedge"
+        latency = {k: round(v, 3) for k, v in pred.timings_ms.items()}
+        latency["frame_to_result"] = round(max(0.0, now - frame.timestamp) * 1e3, 3)
+        verdict = "NG" if pred.is_ng else "OK"
+        base: dict[str, Any] = {
+            "device": device,
+            "camera": cam,
+            "frame_seq": frame.seq,
+            "frame_ts": round(frame.timestamp, 6),
+            "ts": round(now, 6),
+            "score": round(pred.score, 6),
+            "threshold": round(self.model.threshold, 6),
+            "verdict": verdict,
+            "model_id": self.model.model_id,
+        }
+        if trigger is not None:
+            base["trigger_id"] = trigger.id
+        if self.link is None:
+            self._local_seq += 1
+            log.info("%s %s score %.5f (seq %d)", cam, verdict, pred.score, self._local_seq)
+            return self._local_seq
+        link = self.link
+        qos = link.cfg.qos
+
+        def build(seq: int) -> list[OutMessage]:
+            result = _json({"seq": seq, **base, "latency_ms": latency})
+            msgs = [OutMessage(link.topics.result(cam), result, qos=qos)]
+            if pred.is_ng:
+                alert = {"seq": seq, **base, "image_path": image_path,
+                         "image_topic": link.topics.alert_image(cam) if image_published else None}  # fmt: skip
+                msgs.append(OutMessage(link.topics.alert(cam), _json(alert), qos=qos))
+            if trigger is not None and trigger.response_topic:
+                msgs.append(OutMessage(trigger.response_topic, result, qos=qos, correlation=trigger.correlation))
+            return msgs
+
+        seq, _items = link.enqueue(build)
+        return seq
+
+    # -- stats ---------------------------------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """The ``<prefix>/<device>/stats`` document (docs/mqtt.md)."""
+        interval = self.cfg.mqtt.stats_interval_s if self.cfg.mqtt else 10.0
+        cams = {n: {**st.grabber.stats(), "scored": st.scored, "ng": st.ng} for n, st in self.cams.items()}
+        doc: dict[str, Any] = {
+            "device": self.cfg.mqtt.device_id if self.cfg.mqtt else "rdedge",
+            "ts": round(time.time(), 3),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "model_id": self.model.model_id if self.model else None,
+            "fps": self.tracker.fps(horizon_s=max(interval, 1.0)),
+            "frames_scored": self.frames_scored,
+            "frames_ng": self.frames_ng,
+            "frame_errors": self.frame_errors,
+            "frames_dropped": sum(st.grabber.frames_dropped for st in self.cams.values()),
+            "latency_ms": self.tracker.percentiles(),
+            "cameras": cams,
+        }
+        if self.spool is not None:
+            doc["spool"] = {"depth": self.spool.depth, "dropped": self.spool.dropped,
+                            "dropped_total": self.spool.dropped_total}  # fmt: skip
+        if self.link is not None:
+            doc["mqtt"] = {"connected": self.link.connected, "reconnects": self.link.reconnects,
+                           "refusals": self.link.refusals, "inflight": self.link.inflight,
+                           "bad_triggers": self.link.bad_triggers}  # fmt: skip
+        return doc
+
+    def _stats_loop(self) -> None:
+        if self.cfg.mqtt is None:
+            return
+        interval = self.cfg.mqtt.stats_interval_s
+        while not self.stop.wait(interval):
+            try:
+                doc = self.stats()
+                if self.spool is not None:
+                    self.spool.expire()
+                if self.link is not None:
+                    self.link.publish_volatile(self.link.topics.stats, _json(doc), qos=0)
+                sd_notify(f"STATUS={doc['frames_scored']} frames, {doc['fps']} fps, spool {doc.get('spool', {})}")
+            except Exception:  # stats must never take the service down
+                log.exception("stats failed")
+
+    # -- shutdown ------------------------------------------------------------------------------------------------------
+
+    def close(self, ended: bool) -> None:
+        """Stop everything in reverse order of :meth:`open`; idempotent enough for error paths."""
+        for st in self.cams.values():
+            st.grabber.stop(timeout=0.5)
+        self.watchdog.stop()
+        if self.link is not None:
+            if ended and not self.stop.is_set():
+                self.link.wait_connected(END_FLUSH_S / 2)
+                self.link.flush(END_FLUSH_S)
+            self.link.close(flush_s=STOP_FLUSH_S)
+        self.stop.set()
+        if self._stats_thread is not None:
+            self._stats_thread.join(timeout=1)
+        if self.spool is not None:
+            log.info("summary: %d frame(s) scored (%d NG, %d unscorable) in %.1f s; spool depth %d, dropped %d; "
+                     "%d reconnect(s)", self.frames_scored, self.frames_ng, self.frame_errors,
+                     time.monotonic() - self.started, self.spool.depth, self.spool.dropped,
+                     self.link.reconnects if self.link else 0)  # fmt: skip
+            self.spool.close()
+        else:
+            log.info("summary: %d frame(s) scored (%d NG, %d unscorable) in %.1f s", self.frames_scored,
+                     self.frames_ng, self.frame_errors, time.monotonic() - self.started)  # fmt: skip
+        if self.model is not None:
+            self.model.close()
+
+
+def run_service(cfg: RuntimeConfig, stop_event: threading.Event | None = None) -> int:
+    """Run the inspection service until SIGTERM/SIGINT, ``stop_event``, or every camera has ended.
+
+    Args:
+        cfg: validated runtime config.
+        stop_event: set it to stop (tests, embedding); SIGTERM/SIGINT set it too when called from the main thread.
+
+    Returns:
+        0 on a clean stop or end of input.
+
+    Raises:
+        RdedgeError: bad bundle (missing, corrupt manifest, hash mismatch, wrong engine), unusable spool, ...
+    """
+    stop = stop_event or threading.Event()
+    restore: list[tuple[int, Any]] = []
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        if not stop.is_set():
+            log.info("%s received: finishing the frame in flight and stopping", signal.Signals(signum).name)
+            sd_notify("STOPPING=1")
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            restore.append((sig, signal.signal(sig, _on_signal)))
+    svc = Service(cfg, stop)
+    ended = False
+    try:
+        svc.open()
+        svc.loop()
+        ended = not stop.is_set()
+    finally:
+        if not ended:
+            sd_notify("STOPPING=1")
+        svc.close(ended=ended)
+        for signum, handler in restore:
+            signal.signal(signum, handler)
+    return 0
