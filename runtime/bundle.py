@@ -21,13 +21,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from runtime.errors import BundleError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 MANIFEST_NAME = "manifest.json"
 CHAIN = ("teacher", "projection", "ocbe", "decoder", "score")
 
@@ -123,7 +123,8 @@ class Manifest(_Strict):
         names = [p.name for p in self.parts]
         if names != list(CHAIN):
             raise ValueError(f"parts must be {list(CHAIN)} in that order, got {names}")
-        for spec in [*self.parts, *([self.fused] if self.fused else []), *self.engines]:
+        specs: list[PartSpec | EngineSpec] = [*self.parts, *([self.fused] if self.fused else []), *self.engines]
+        for spec in specs:
             if spec.file not in self.files:
                 raise ValueError(f"file {spec.file!r} has no sha256 in 'files'")
         return self
