@@ -51,7 +51,7 @@ class RDPPConfig(_Strict):
     noise_max: int = Field(32, ge=1, description="largest pseudo-anomaly patch side in pixels")
     octaves: int = Field(6, ge=1, le=10, description="simplex noise octaves")
     persistence: float = Field(0.6, gt=0.0, le=1.0, description="amplitude ratio between successive octaves")
-    noise_bank: int = Field(256, ge=0, description="pre-computed noise tiles (seeded); 0: generate every step")
+    noise_bank: int = Field(64, ge=0, description="pre-computed noise tiles (seeded); 0: generate every step")
 
 
 class ExtraConfig(_Strict):
