@@ -79,3 +79,33 @@ def test_every_projection_parameter_gets_a_gradient(kind: str, simclr_dir: Path)
     if kind == "aux":
         assert all(p.grad is None for p in objective.aux.parameters())  # type: ignore[attr-defined]
         assert "align" in parts and not objective.aux.training  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("kind", ["aux", "rdpp"])
+def test_projection_exports_to_onnx(kind: str, tmp_path: Path) -> None:
+    """The bundle's ``projection`` part: f1, f2, f3 -> p1, p2, p3 through ONNX Runtime, two different inputs."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from export.onnx_parts import export_torch_part
+
+    class AsTuple(torch.nn.Module):
+        def __init__(self, m: torch.nn.Module) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, f1: torch.Tensor, f2: torch.Tensor, f3: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return tuple(self.m(f1, f2, f3))
+
+    proj = build(kind, SPEC)
+    proj.train()(*_feats(4))  # move BatchNorm running stats away from their init
+    part = AsTuple(proj).eval()
+    path = tmp_path / "projection.onnx"
+    export_torch_part(part, "projection", tuple(_feats(1)), path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for b in (1, 3):
+        f = _feats(b)
+        got = sess.run(["p1", "p2", "p3"], {"f1": f[0].numpy(), "f2": f[1].numpy(), "f3": f[2].numpy()})
+        with torch.no_grad():
+            want = part(*f)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(torch.from_numpy(g), w, rtol=1e-4, atol=1e-4)
