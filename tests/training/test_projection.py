@@ -109,3 +109,33 @@ def test_projection_exports_to_onnx(kind: str, tmp_path: Path) -> None:
             want = part(*f)
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(torch.from_numpy(g), w, rtol=1e-4, atol=1e-4)
+
+
+def test_aux_of_another_architecture_gets_adapters_and_its_own_normalisation(tmp_path: Path) -> None:
+    from training.objectives import AuxObjective, Renormalize
+
+    scfg = SimCLRConfig(backbone="resnet18", init="scratch", image_size=64)
+    r18 = get_spec("resnet18")
+    save_simclr(
+        tmp_path / "simclr.pt",
+        scfg,
+        SimCLRNet(build_trainable_backbone("resnet18", "scratch"), r18.channels, 16),
+        0,
+        [],
+        POLICIES["default"],
+    )
+    cfg = parse_train_config({"data": {"image_size": 64}, "model": {"projection": "aux", "pretrained": False}})
+    model = build_model(cfg).train()
+    obj = build_objective(cfg, model, tmp_path)
+    assert isinstance(obj, AuxObjective) and isinstance(obj.renorm, Renormalize)
+    x01 = torch.rand(2, 3, 64, 64)
+    teacher_in = (x01 - 0.5) / 0.5  # efficientnet_lite0: mean = std = 0.5
+    mean, std = torch.tensor(r18.mean).view(1, 3, 1, 1), torch.tensor(r18.std).view(1, 3, 1, 1)
+    torch.testing.assert_close(obj.renorm(teacher_in), (x01 - mean) / std)
+    convs = [a for a in obj.adapters if isinstance(a, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == list(zip(SPEC.channels, r18.channels, strict=True))
+    obj.parameters_groups(model, cfg)
+    loss, _ = obj.loss(model, teacher_in)
+    loss.backward()
+    assert all(p.grad is not None for p in obj.adapters.parameters())
+    assert set(obj.state_dict()["adapters"]) == {f"{i}.{w}" for i in range(3) for w in ("weight", "bias")}
