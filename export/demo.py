@@ -37,7 +37,8 @@ class DemoOptions:
     mqtt: str | None = None
     epochs: int = 4
     image_size: int = 128
-    n_train: int = 60
+    n_train: int = 72
+    val_fraction: float = 0.25
     threads: int = 2
     seed: int = 0
 
@@ -89,13 +90,18 @@ def run_demo(opts: DemoOptions, emit: Callable[[str], None] = print) -> int:
     cfg = load_train_config(
         None,
         {"model.backbone": "efficientnet_lite0", "optim.epochs": opts.epochs, "optim.batch_size": 8,
-         "data.image_size": opts.image_size, "seed": opts.seed, "device": "cpu"},
+         "data.image_size": opts.image_size, "data.val_fraction": opts.val_fraction, "seed": opts.seed,
+         "device": "cpu"},
     )  # fmt: skip
     run_dir = root / "run"
     fit(cfg, category, run_dir, show_progress=False)
     emit("[3/5] evaluating on the test split")
     metrics = evaluate(run_dir, category, root / "report", "cpu", 16, show_progress=False)
     emit(format_table(metrics))
+    op = metrics.get("at_validation_threshold")
+    if op:
+        emit(f"      at the validation threshold: test false-alarm rate {op['false_alarm_rate']:.3f}, "
+             f"recall {op['recall']:.3f}")  # fmt: skip
     emit("[4/5] exporting the bundle (ONNX parts, parity checks, threshold from the validation split)")
     bundle, manifest = export_bundle(ExportOptions(run=run_dir, out=root / "bundle", force=True, fused=True))
     emit(f"      model {manifest.model_id}, threshold {manifest.threshold.value:.5f} ({manifest.threshold.source})")
