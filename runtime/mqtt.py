@@ -37,6 +37,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from runtime.config import MqttConfig
+from runtime.health import LatencyTracker
 from runtime.spool import OutMessage, Spool, SpoolItem
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,7 @@ class MqttLink:
         self.rejected = 0  # PUBACK with a failure reason: logged, removed (the broker will never take it)
         self.bad_triggers = 0
         self.skipped_offline = 0  # volatile messages (stats, images) not sent because offline
+        self.ack_latency = LatencyTracker()  # "spool_to_ack": spool commit -> PUBACK, ms (includes outages)
 
         self._connected = threading.Event()
         self._ever_connected = False
@@ -173,7 +175,7 @@ class MqttLink:
         self._camera_state: dict[str, str] = {}
 
         self._lock = threading.Lock()  # guards the maps below; never held while calling paho
-        self._inflight: dict[int, int] = {}  # paho mid -> spool id
+        self._inflight: dict[int, tuple[int, float]] = {}  # paho mid -> (spool id, spool write time)
         self._early: dict[int, float] = {}  # mids acknowledged before publish() returned -> monotonic time
         self._acked_ids: list[int] = []
         self._cursor = 0  # highest spool id handed to paho
@@ -288,10 +290,12 @@ class MqttLink:
         self, client: paho.Client, userdata: Any, mid: int, rc: ReasonCode, properties: Properties | None
     ) -> None:
         with self._lock:
-            sid = self._inflight.pop(mid, None)
-            if sid is None:
+            entry = self._inflight.pop(mid, None)
+            if entry is None:
                 self._early[mid] = time.monotonic()
                 return
+            sid, created = entry
+            self.ack_latency.record({"spool_to_ack": (time.time() - created) * 1e3})
             if rc.is_failure:
                 self.rejected += 1
                 log.error("broker rejected spooled message %d: %s (dropped from the spool)", sid, _reason_text(rc))
@@ -428,7 +432,7 @@ class MqttLink:
             if self._early.pop(info.mid, None) is not None:
                 self._acked_ids.append(item.id)
             else:
-                self._inflight[info.mid] = item.id
+                self._inflight[info.mid] = (item.id, item.created)
             self._cursor = max(self._cursor, item.id)
         self.sent += 1
         return True

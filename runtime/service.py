@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import signal
 import sqlite3
 import threading
@@ -48,6 +49,7 @@ class _CamState:
     last_seq: int = -1
     scored: int = 0
     ng: int = 0
+    errors: int = 0
     triggers: collections.deque[TriggerRequest] = field(default_factory=collections.deque)
 
 
@@ -77,6 +79,7 @@ class Service:
         self.frame_errors = 0
         self._saved: collections.deque[Path] = collections.deque()
         self._stats_thread: threading.Thread | None = None
+        self._fps_mark = (self.started, 0)
 
     # -- start-up ----------------------------------------------------------------------------------------------------
 
@@ -198,9 +201,13 @@ class Service:
         st.last_seq = frame.seq
         try:
             pred = self.model.predict(frame.image, roi=st.cfg.roi)
-        except ValueError as exc:  # unsupported frame, ROI outside the frame: keep serving
+            if not math.isfinite(pred.score):  # a broken model must not turn into an "OK" (NaN >= t is False)
+                raise ValueError(f"non-finite score {pred.score}")
+        except ValueError as exc:  # unsupported frame, ROI outside the frame, NaN: keep serving, log rate-limited
             self.frame_errors += 1
-            log.error("camera %s frame %d: cannot score: %s", st.cfg.name, frame.seq, exc)
+            st.errors += 1
+            if st.errors == 1 or st.errors % 100 == 0:
+                log.error("camera %s frame %d: cannot score (%d so far): %s", st.cfg.name, frame.seq, st.errors, exc)
             if trigger is not None and self.link is not None:
                 self.link.publish_error(st.cfg.name, f"cannot score: {exc}", trigger.id, trigger.response_topic,
                                         trigger.correlation)  # fmt: skip
@@ -295,26 +302,32 @@ class Service:
                 msgs.append(OutMessage(trigger.response_topic, result, qos=qos, correlation=trigger.correlation))
             return msgs
 
-        seq, _items = link.enqueue(build)
+        try:
+            seq, _items = link.enqueue(build)
+        except sqlite3.Error as exc:  # disk full, read-only, corrupt: exit non-zero, systemd restarts us
+            raise RdedgeError(f"spool {self.cfg.spool.path}: cannot store a verdict: {exc}") from exc
         return seq
 
     # -- stats ---------------------------------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """The ``<prefix>/<device>/stats`` document (docs/mqtt.md)."""
-        interval = self.cfg.mqtt.stats_interval_s if self.cfg.mqtt else 10.0
+        """The ``<prefix>/<device>/stats`` document (docs/mqtt.md); ``fps`` covers the time since the last call."""
+        now = time.monotonic()
+        dt = now - self._fps_mark[0]
+        fps = (self.frames_scored - self._fps_mark[1]) / dt if dt > 0 else 0.0
+        self._fps_mark = (now, self.frames_scored)
         cams = {n: {**st.grabber.stats(), "scored": st.scored, "ng": st.ng} for n, st in self.cams.items()}
         doc: dict[str, Any] = {
             "device": self.cfg.mqtt.device_id if self.cfg.mqtt else "rdedge",
             "ts": round(time.time(), 3),
             "uptime_s": round(time.monotonic() - self.started, 3),
             "model_id": self.model.model_id if self.model else None,
-            "fps": self.tracker.fps(horizon_s=max(interval, 1.0)),
+            "fps": round(fps, 3),
             "frames_scored": self.frames_scored,
             "frames_ng": self.frames_ng,
             "frame_errors": self.frame_errors,
             "frames_dropped": sum(st.grabber.frames_dropped for st in self.cams.values()),
-            "latency_ms": self.tracker.percentiles(),
+            "latency_ms": {**self.tracker.percentiles(), **(self.link.ack_latency.percentiles() if self.link else {})},
             "cameras": cams,
         }
         if self.spool is not None:
@@ -349,9 +362,10 @@ class Service:
             st.grabber.stop(timeout=0.5)
         self.watchdog.stop()
         if self.link is not None:
-            if ended and not self.stop.is_set():
-                self.link.wait_connected(END_FLUSH_S / 2)
-                self.link.flush(END_FLUSH_S)
+            if ended:  # end of input: give the broker up to END_FLUSH_S to take the backlog (SIGTERM cuts it short)
+                deadline = time.monotonic() + END_FLUSH_S
+                while not self.stop.is_set() and time.monotonic() < deadline and self.link.spool.depth > 0:
+                    time.sleep(0.05)
             self.link.close(flush_s=STOP_FLUSH_S)
         self.stop.set()
         if self._stats_thread is not None:

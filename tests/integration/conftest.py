@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -118,6 +119,13 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 def results(col: Collector, camera: str = "cam1") -> list[dict[str, Any]]:
     """Parsed result documents received so far (every payload must be valid JSON)."""
     return [json.loads(p) for p in col.on(f"/{camera}/result")]
+
+
+def scored_in_log(log: str) -> int:
+    """Frames the runtime scored, from its summary line (paced sources may drop frames under load)."""
+    m = re.search(r"summary: (\d+) frame\(s\) scored", log)
+    assert m, f"no summary line in the runtime log:\n{log[-3000:]}"
+    return int(m.group(1))
 
 
 def wait_until(pred: Any, timeout: float, step: float = 0.05) -> bool:

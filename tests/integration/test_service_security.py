@@ -31,9 +31,12 @@ def tls_broker(tmp_path: Path) -> Iterator[tuple[Broker, Certs]]:
     b.stop()
 
 
-def _tls_config(tmp_path: Path, bundle: Path, broker: Broker, certs: Certs, folder: Path, **cam: object) -> Path:
+def _tls_config(tmp_path: Path, bundle: Path, broker: Broker, certs: Certs, folder: Path, **src: object) -> Path:
     tls = {"ca_file": str(certs.ca), "cert_file": str(certs.client_cert), "key_file": str(certs.client_key)}
-    cams = [{"name": "cam1", "source": {"kind": "folder", "path": str(folder), **cam}, "max_fps": 20}]
+    cam: dict[str, object] = {"name": "cam1", "source": {"kind": "folder", "path": str(folder), **src}}
+    if src.get("loop"):
+        cam["max_fps"] = 20  # an endless source: pace it
+    cams = [cam]
     return write_config(tmp_path / "c.yaml", bundle, broker, tmp_path / "spool.db", cams, username="line1", tls=tls)
 
 
