@@ -139,6 +139,10 @@ def test_concurrent_writers_and_acker(tmp_path: Path) -> None:
     sp.close()
 
 
-def test_database_uses_wal(tmp_path: Path) -> None:
-    Spool(tmp_path / "s.db").close()
+def test_database_uses_wal_and_full_sync_for_new_messages(tmp_path: Path) -> None:
+    sp = Spool(tmp_path / "s.db")
+    sp.add(_msg)
+    sp.ack([sp.pending()[0].id])  # acks commit with NORMAL, then FULL is restored for the next verdict
+    assert sp._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    sp.close()
     assert sqlite3.connect(tmp_path / "s.db").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
