@@ -336,7 +336,8 @@ class Service:
         if self.link is not None:
             doc["mqtt"] = {"connected": self.link.connected, "reconnects": self.link.reconnects,
                            "refusals": self.link.refusals, "inflight": self.link.inflight,
-                           "bad_triggers": self.link.bad_triggers}  # fmt: skip
+                           "bad_triggers": self.link.bad_triggers,
+                           "skipped_offline": self.link.skipped_offline}  # fmt: skip
         return doc
 
     def _stats_loop(self) -> None:

@@ -222,3 +222,26 @@ def test_bad_bundle_clear_error_nonzero_exit(
     err_lines = [ln for ln in rt.log().splitlines() if "rdedge run: error:" in ln]
     assert len(err_lines) == 1 and expected in err_lines[0], rt.log()
     assert "Traceback" not in rt.log()
+
+
+def test_two_cameras_round_robin_share_one_seq_series(
+    tmp_path: Path, tiny_bundle: Path, broker: Broker, runtimes: list[Runtime]
+) -> None:
+    col = Collector(broker, ["t/#"])
+    cams = [
+        {"name": "cam1", "source": {"kind": "folder", "path": str(make_folder(tmp_path / "imgs", 10))}},
+        {
+            "name": "cam2",
+            "source": {"kind": "video", "path": str(make_video(tmp_path / "v.avi", 10)), "realtime": False},
+        },  # fmt: skip
+    ]
+    cfg = write_config(tmp_path / "c.yaml", tiny_bundle, broker, tmp_path / "spool.db", cams)
+    rt = Runtime(cfg, tmp_path / "rt.log")
+    runtimes.append(rt)
+    assert rt.wait(30) == 0, rt.log()
+    assert col.wait_for(lambda: col.on("t/dev1/status")[-1:] == [b"stopped"], 5)
+    one, two = results(col, "cam1"), results(col, "cam2")
+    assert len(one) == 10 and len(two) == 10  # unpaced sources: every frame of both, nothing dropped
+    _check_results(one + two, set(range(1, 21)))
+    assert {d["camera"] for d in one} == {"cam1"} and {d["camera"] for d in two} == {"cam2"}
+    col.close()
