@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 MAX_TRIGGER_BYTES = 1024
 """Trigger payloads larger than this are rejected unparsed (a PLC sends ``{"id": ...}``, a few dozen bytes)."""
 MAX_TRIGGER_ID_LEN = 128
-_ACK_BATCH_S = 0.02
 _SETTLE_AFTER_CONNECT_S = 0.1  # let paho resend what it held before the pump sends newer rows (keeps order)
 
 
@@ -414,8 +413,6 @@ class MqttLink:
             for item in self.spool.pending(after_id=self._cursor, limit=room):
                 if not self._hand_over(item):
                     break
-            if acked:
-                time.sleep(_ACK_BATCH_S)  # let PUBACKs accumulate: fewer, larger delete transactions
 
     def _hand_over(self, item: SpoolItem) -> bool:
         props = None
