@@ -146,7 +146,8 @@ class Service:
         poll = 0.1 / len(cams)
         while not self.stop.is_set():
             self.watchdog.progress()
-            busy = False
+            busy = False  # scored or served something this round
+            waited = False  # blocked in a live camera's latest(): no need to sleep below
             live = 0
             for st in cams:
                 if self.stop.is_set():
@@ -154,6 +155,7 @@ class Service:
                 ended = st.grabber.state == "ended"
                 if st.cfg.mode == "continuous":
                     frame = st.grabber.latest(timeout=0.0 if busy else poll, newer_than=st.last_seq)
+                    waited = waited or (not busy and not ended)
                     if frame is not None:
                         self._score(st, frame, None)
                         busy = True
@@ -168,7 +170,7 @@ class Service:
             if live == 0:
                 log.info("every camera has ended")
                 return
-            if not busy and all(c.cfg.mode == "triggered" for c in cams):
+            if not busy and not waited:  # only triggered (or ended) cameras: sleep until a trigger, no busy loop
                 self._trigger_event.wait(0.1)
                 self._trigger_event.clear()
 
@@ -190,7 +192,12 @@ class Service:
             if frame.timestamp >= wall_at_trigger:  # grabbed after the trigger arrived: fresh
                 self._score(st, frame, req)
                 return True
-        why = "camera ended" if st.grabber.state == "ended" else f"no fresh frame within {st.cfg.no_frame_timeout_s} s"
+        if self.stop.is_set():
+            why = "runtime shutting down"
+        elif st.grabber.state == "ended":
+            why = "camera ended"
+        else:
+            why = f"no fresh frame within {st.cfg.no_frame_timeout_s} s"
         log.warning("camera %s: trigger %r not served: %s", st.cfg.name, req.id, why)
         if self.link is not None:
             self.link.publish_error(st.cfg.name, why, req.id, req.response_topic, req.correlation)
