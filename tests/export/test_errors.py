@@ -47,9 +47,14 @@ def test_unsupported_opset(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed")
-def test_tensorrt_missing(capsys: pytest.CaptureFixture[str], tiny_run: tuple[Path, Path], tmp_path: Path) -> None:
+def test_tensorrt_missing(
+    capsys: pytest.CaptureFixture[str], tiny_run: tuple[Path, Path], exported_bundle: Path, tmp_path: Path
+) -> None:
     code, line = _run(capsys, "export", "--run", str(tiny_run[0]), "--out", str(tmp_path / "b"), "--trt")
     assert code == 1 and "rdedge[trt]" in line and "tensorrt is not installed" in line
+    assert not (tmp_path / "b").exists()
+    code, line = _run(capsys, "build-engines", str(exported_bundle))
+    assert code == 1 and "rdedge[trt]" in line
     code, line = _run(capsys, "build-engines", str(tmp_path / "nobundle"))
     assert code == 1 and "bundle directory not found" in line
 
