@@ -193,7 +193,11 @@ class MqttLink:
         logging.getLogger("runtime.mqtt.paho").setLevel(logging.WARNING)
         c.will_set(self.topics.status, "offline", qos=1, retain=True)
         if self.cfg.username is not None:
-            c.username_pw_set(self.cfg.username, self.cfg.resolve_password())
+            password = self.cfg.resolve_password()
+            if password is None:
+                log.warning("mqtt.username is set but no password was found ($CREDENTIALS_DIRECTORY/%s, $%s); "
+                            "connecting without one", self.cfg.password_credential, self.cfg.password_env)  # fmt: skip
+            c.username_pw_set(self.cfg.username, password)
         tls = self.cfg.tls
         if tls is not None:
             c.tls_set(
