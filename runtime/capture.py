@@ -430,6 +430,8 @@ class FrameGrabber:
                             continue
                     elif not self._wait(next_publish - now):
                         break
+                    else:
+                        grabbed_at = time.time()  # a replayed file is "captured" when its slot comes, not when read
                     next_publish = next_slot(next_publish, time.monotonic(), min_period)
                 self._set_state("up")
                 self._publish(img, grabbed_at)

@@ -60,6 +60,9 @@ class OnnxRuntimeBackend(Backend):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = cfg.threads
         opts.inter_op_num_threads = 1
+        # No busy-waiting worker threads: on a 2-core line box they starve the MQTT and capture threads
+        # (measured: verdict -> PUBACK 33 ms p50 with spinning, 6 ms without).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._parts: list[tuple[PartSpec, Any]] = []

@@ -13,6 +13,7 @@ import sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
 import runtime, runtime.engine, runtime.capture, runtime.preprocess, runtime.bench, runtime.overlay
 import runtime.backends.onnxruntime, runtime.backends.tensorrt
+import runtime.service, runtime.mqtt, runtime.spool, runtime.health, runtime.cli
 assert sys.modules["torch"] is None  # still the blocker: nothing replaced it with the real package
 heavy = {"torch", "torchvision", "timm", "training", "export"}
 bad = sorted(m for m, mod in sys.modules.items() if mod is not None and m.split(".")[0] in heavy)
