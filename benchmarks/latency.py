@@ -172,6 +172,11 @@ def to_markdown(res: dict[str, Any]) -> str:
     g = res["goal"]
     lines += ["", f"Goal: ORT chain <= 0.7x torch eager. Measured {g['ratio_chain']:.2f}x (chained), "
               f"{g['ratio_fused']:.2f}x (fused): **{'met' if g['met'] else 'NOT met'}**.", "",
+              "'no spinning' = session config `session.intra_op.allow_spinning=0`. Each chained part is its own "
+              "session with its own intra-op pool; by default idle workers busy-wait after a run, so on a 2-core box "
+              "the pools of the parts just run compete with the next part for the cores. The fused graph has one "
+              "pool and suffers less. Torch eager figures are the noisiest (its OpenMP workers compete the same way "
+              "with the other jobs on the box).", "",
               f"TensorRT: {res['tensorrt'].get('skipped', 'see json')}", ""]  # fmt: skip
     return "\n".join(lines)
 
