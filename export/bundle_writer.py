@@ -134,7 +134,7 @@ def tool_versions() -> dict[str, str]:
         except Exception:  # noqa: BLE001 - a missing tool just has no entry
             continue
     with contextlib.suppress(Exception):
-        import tensorrt  # type: ignore[import-not-found]
+        import tensorrt
 
         out["tensorrt"] = str(tensorrt.__version__)
     return out

@@ -56,7 +56,7 @@ def demo_command(args: argparse.Namespace) -> int:
     return run_demo(opts)
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction) -> None:
     """Add the export verbs to the ``rdedge`` parser."""
     p = sub.add_parser(
         "export",

@@ -114,6 +114,8 @@ def run_demo(opts: DemoOptions, emit: Callable[[str], None] = print) -> int:
         model.warmup(2)
         for name in sorted(truth):
             frame = cv2.imread(str(camera / name), cv2.IMREAD_COLOR)
+            if frame is None:
+                raise ExportError(f"unreadable demo image: {camera / name}")
             pred = model.predict(frame)
             latencies.append(pred.timings_ms["total"])
             verdict = "NG" if pred.is_ng else "OK"

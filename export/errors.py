@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 from runtime.errors import MissingExtraError, RdedgeError
 
 __all__ = ["ExportError", "MissingExtraError", "ParityError", "require"]
@@ -15,7 +17,7 @@ class ParityError(ExportError):
     """An exported graph disagrees with the torch model beyond the documented tolerance."""
 
 
-def require(module: str, extra: str = "export", purpose: str = ""):  # type: ignore[no-untyped-def]
+def require(module: str, extra: str = "export", purpose: str = "") -> ModuleType:
     """Import ``module`` or raise :class:`MissingExtraError` naming ``rdedge[extra]``."""
     import importlib
 

@@ -19,6 +19,7 @@ import logging
 import math
 import warnings
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from export.errors import ExportError, require
 from runtime.bundle import TensorSpec
+from training.model import ReverseDistillation
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +118,7 @@ def freeze_same_padding(teacher: nn.Module, image_size: tuple[int, int]) -> nn.M
     for h in hooks:
         h.remove()
     for name, (ih, iw) in sizes.items():
-        conv = teacher.get_submodule(name)
+        conv = cast(nn.Conv2d, teacher.get_submodule(name))
         ph = _same_pad(ih, conv.kernel_size[0], conv.stride[0], conv.dilation[0])
         pw = _same_pad(iw, conv.kernel_size[1], conv.stride[1], conv.dilation[1])
         parent_name, _, attr = name.rpartition(".")
@@ -137,7 +139,7 @@ def is_identity_projection(module: nn.Module) -> bool:
 class _ExportRD(nn.Module):
     """The RD model with the export-ready teacher (same weights, constant padding)."""
 
-    def __init__(self, model: nn.Module, teacher: nn.Module) -> None:
+    def __init__(self, model: ReverseDistillation, teacher: nn.Module) -> None:
         super().__init__()
         self.teacher, self.projection = teacher, model.projection
         self.ocbe, self.decoder = model.ocbe, model.decoder
@@ -147,17 +149,17 @@ class _ExportRD(nn.Module):
         return feats, self.decoder(self.ocbe(*self.projection(*feats)))
 
 
-def part_modules(model: nn.Module, scorer: nn.Module, image_size: tuple[int, int]) -> dict[str, nn.Module]:
+def part_modules(model: ReverseDistillation, scorer: nn.Module, image_size: tuple[int, int]) -> dict[str, nn.Module]:
     """The torch module behind each part, wrapped to return tuples (``projection`` as the model has it).
 
     The teacher is a copy with its SAME padding frozen for ``image_size`` (see :func:`freeze_same_padding`).
     """
-    teacher = freeze_same_padding(model.teacher, image_size)  # type: ignore[arg-type]
+    teacher = freeze_same_padding(model.teacher, image_size)
     return {
         "teacher": _AsTuple(teacher),
-        "projection": _AsTuple(model.projection),  # type: ignore[arg-type]
-        "ocbe": _AsTuple(model.ocbe),  # type: ignore[arg-type]
-        "decoder": _AsTuple(model.decoder),  # type: ignore[arg-type]
+        "projection": _AsTuple(model.projection),
+        "ocbe": _AsTuple(model.ocbe),
+        "decoder": _AsTuple(model.decoder),
         "score": _AsTuple(scorer),
         "fused": FusedModel(_ExportRD(model, teacher), scorer),
     }

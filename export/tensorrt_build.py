@@ -114,7 +114,7 @@ def timing_cache_filename(trt_version: str, gpu_name: str) -> str:
 def import_tensorrt() -> Any:
     """``import tensorrt`` or raise :class:`MissingExtraError` naming ``rdedge[trt]``."""
     try:
-        import tensorrt as trt  # type: ignore[import-not-found]
+        import tensorrt as trt
     except ImportError:
         raise MissingExtraError(
             "tensorrt", "trt", "TensorRT engines; on Jetson use JetPack's tensorrt in a venv with system site-packages"
@@ -125,7 +125,7 @@ def import_tensorrt() -> Any:
 def gpu_name(gpu_id: int = 0) -> str:
     """Name of CUDA device ``gpu_id`` as pycuda reports it (the runtime compares against the same string)."""
     try:
-        import pycuda.driver as cuda  # type: ignore[import-not-found]
+        import pycuda.driver as cuda
 
         cuda.init()
         return str(cuda.Device(gpu_id).name())
