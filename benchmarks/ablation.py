@@ -75,7 +75,11 @@ def train_variant(args: argparse.Namespace, data: Path, run: Path, variant: str,
             "seed": args.seed,
             "data": {"image_size": args.image_size, "max_images": args.max_images},
             "model": {"backbone": args.backbone, "projection": projection},
-            "optim": {"batch_size": args.batch_size, "epochs": 10_000, "max_minutes": args.train_minutes},
+            "optim": {
+                "batch_size": args.batch_size,
+                "epochs": args.epochs or 10_000,
+                "max_minutes": None if args.epochs else args.train_minutes,
+            },
             "extra": {"aux": {"weight": args.aux_weight, "scales": args.aux_scales}},
         },
         "ablation",
@@ -128,12 +132,12 @@ def write_results(rows: list[dict[str, Any]], results: Path) -> None:
         "(best checkpoint = lowest validation loss). "
         "Peers: ../shared/PEERS.md (PatchCore / PaDiM, 256 px, 200 images).",
         "",
-        "| dataset | variant | tag | image AUROC | F1-max | pixel AUROC | AUPRO | pretrain min | train min | epochs "
-        "| px | images | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | variant | tag | budget | image AUROC | F1-max | pixel AUROC | AUPRO | pretrain min | train min "
+        "| epochs | px | images | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        notes = []
+        notes = [f"best ep {r['best_epoch']}"]
         if "simclr_top1" in r:
             notes.append(f"SimCLR {r['simclr_epochs']} ep, top1 {r['simclr_top1']:.2f}, aug {r['augment']}")
         if "aux_weight" in r:
@@ -142,7 +146,8 @@ def write_results(rows: list[dict[str, Any]], results: Path) -> None:
             notes.append(f"noise {r['noise_ms']:.1f} ms of {r['step_ms']:.0f} ms/step ({100 * r['noise_share']:.2f}%)")
         notes.append(f"load {r['load_avg'][0]:.1f}/{r['load_avg'][1]:.1f}")
         lines.append(
-            f"| {r['dataset']} | {r['variant']} | {r['tag']} | {f(r['image_auroc'])} | {f(r['image_f1_max'])} | "
+            f"| {r['dataset']} | {r['variant']} | {r['tag']} | {r.get('budget', '-')} | {f(r['image_auroc'])} | "
+            f"{f(r['image_f1_max'])} | "
             f"{f(r['pixel_auroc'])} | {f(r['aupro'])} | {f(r.get('pretrain_minutes'), 1)} | "
             f"{f(r['train_minutes'], 1)} | {r['epochs']} | {r['image_size']} | {r['max_images']} | {'; '.join(notes)} |"
         )
@@ -161,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--simclr-batch-size", type=int, default=32)
     p.add_argument("--train-minutes", type=float, default=3.0)
     p.add_argument("--pretrain-minutes", type=float, default=2.0)
+    p.add_argument("--epochs", type=int, help="train every variant for N epochs instead of --train-minutes")
     p.add_argument("--augment", default="default", help="SimCLR augmentation policy")
     p.add_argument("--aux-weight", type=float, default=1.0)
     p.add_argument("--aux-scales", type=int, nargs="+", default=[0, 1, 2])
@@ -178,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
     path = args.results / "ablation.json"
     rows: list[dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else []
+    budget = f"{args.epochs} epochs" if args.epochs else f"{args.train_minutes:g} min"
     for ds in args.datasets:
         data = args.datasets_root / ds
         simclr: dict[str, dict[str, Any]] = {}
@@ -191,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 "image_size": args.image_size,
                 "max_images": args.max_images,
                 "threads": args.threads,
+                "budget": budget,
             }
             sim_dir, extra = None, {}
             if variant.startswith("aux-"):
@@ -211,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                 extra = simclr[init]
             run = args.work / ds / f"{variant}-{args.tag}"
             row = {**common, **extra, **train_variant(args, data, run, variant, sim_dir)}
+            rows = json.loads(path.read_text()) if path.is_file() else []
             rows = [r for r in rows if (r["dataset"], r["variant"], r["tag"]) != key] + [row]
             write_results(rows, args.results)
             log.info("%s", json.dumps(row))
