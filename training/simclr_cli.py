@@ -21,6 +21,10 @@ Augmentation policies (--augment):
   FILE.yaml a custom policy: any fields of training.augment.AugmentPolicy (crop_scale, crop_ratio, hflip_p, vflip_p,
             jitter_p, brightness, contrast, saturation, hue, grayscale_p, blur_p, blur_sigma); unknown keys are errors.
 
+Grey images (e.g. KolektorSDD, magnetic tiles): the default jitter reduces to +-80% brightness/contrast, which can make
+two views of one image unmatchable (measured on KolektorSDD: ImageNet features pick the right view 0-8% of the time
+with default, 17-20% with no-color); prefer no-color there.
+
 Writes DIR/simclr.pt, DIR/config.json and DIR/log.jsonl (loss and contrastive top-1 accuracy per epoch).
 """
 
