@@ -128,9 +128,7 @@ class MqttConfig(_Strict):
     host: str = Field("localhost", min_length=1, description="broker host name or address")
     port: int = Field(1883, ge=1, le=65535, description="broker port (8883 is usual for TLS)")
     client_id: str | None = Field(None, description="MQTT client id; default rdedge-<device_id>")
-    device_id: str = Field(
-        "rdedge", pattern=r"^[A-Za-z0-9_-]+$", description="this box's id, the second topic level"
-    )
+    device_id: str = Field("rdedge", pattern=r"^[A-Za-z0-9_-]+$", description="this box's id, the second topic level")
     topic_prefix: str = Field("rdedge", pattern=r"^[A-Za-z0-9_/-]+$", description="first topic level(s)")
     qos: Literal[0, 1, 2] = Field(1, description="QoS of result and alert messages")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive")
