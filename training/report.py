@@ -14,9 +14,9 @@ from training.evaluate import Predictions
 from training.metrics import roc_curve
 
 
-def _overlay(bgr: np.ndarray, amap: np.ndarray, vmax: float, size: tuple[int, int]) -> np.ndarray:
+def _overlay(bgr: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, size: tuple[int, int]) -> np.ndarray:
     img = cv2.resize(bgr, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
-    norm = np.clip(amap / max(vmax, 1e-12), 0, 1)
+    norm = np.clip((amap - vmin) / max(vmax - vmin, 1e-12), 0, 1)
     heat = cv2.applyColorMap((norm * 255).astype(np.uint8), cv2.COLORMAP_JET)
     return cv2.addWeighted(img, 0.55, heat, 0.45, 0)
 
@@ -68,7 +68,10 @@ def write_report(
 
     figures: list[tuple[str, list[tuple[str, str]]]] = []
     if pred.maps is not None:
-        vmax = float(np.quantile(pred.maps, 0.999))
+        # one colour scale for every overlay: the median map value (the typical defect-free level) is blue, the
+        # 99.9th percentile red, so overlays compare with each other
+        sample = pred.maps.ravel()[:: max(1, pred.maps.size // 2_000_000)]
+        vmin, vmax = float(np.quantile(sample, 0.5)), float(np.quantile(sample, 0.999))
         (out / "overlays").mkdir(exist_ok=True)
         groups = {
             "Worst-scored good images (highest scores: false-alarm risks)": [
@@ -86,7 +89,7 @@ def write_report(
             for i in idxs:
                 s = pred.samples[i]
                 name = f"{s.defect}_{s.path.stem}.png"
-                panel = _overlay(read_image(s.path), pred.maps[i], vmax, size)
+                panel = _overlay(read_image(s.path), pred.maps[i], vmin, vmax, size)
                 if pred.masks is not None and pred.masks[i].any():
                     contours, _ = cv2.findContours(
                         pred.masks[i].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
