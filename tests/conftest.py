@@ -1,12 +1,29 @@
-"""Suite-wide pytest set-up: GPU tests skip cleanly without CUDA."""
+"""Suite-wide pytest set-up: GPU tests skip cleanly without CUDA; shared fixtures (tiny bundle, real broker)."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 import shutil
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+from tests.helpers.fixtures import tiny_bundle  # noqa: F401  (pytest finds the fixture by name)
+from tests.mqtt_broker import Broker, mosquitto_missing
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A plain-TCP anonymous mosquitto on a free loopback port (skips when mosquitto is not installed)."""
+    why = mosquitto_missing()
+    if why:
+        pytest.skip(why)
+    b = Broker(tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()
 
 
 def _has_cuda() -> bool:

@@ -8,12 +8,9 @@ tests reuse the same files instead of training again.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 IMAGE_SIZE = 64
 

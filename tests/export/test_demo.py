@@ -3,29 +3,13 @@ to a real mosquitto broker (the full demo trains for minutes, so it is run by ha
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from export.demo import make_camera_folder, parse_hostport, publish_through_service
 from export.errors import ExportError
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from tests.mqtt_broker import Broker, mosquitto_missing  # noqa: E402
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    why = mosquitto_missing()
-    if why:
-        pytest.skip(why)
-    b = Broker(tmp_path / "broker")
-    b.start()
-    yield b
-    b.stop()
+from tests.mqtt_broker import Broker
 
 
 def test_parse_hostport() -> None:

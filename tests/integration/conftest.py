@@ -18,11 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-# `tests.*` helpers import from the repo root; plain `pytest` does not put it on sys.path.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from tests.helpers.fixtures import tiny_bundle  # noqa: E402, F401  (pytest finds the fixture by name)
-from tests.mqtt_broker import Broker, Collector, mosquitto_missing  # noqa: E402
+from tests.mqtt_broker import Broker, Collector, mosquitto_missing
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,6 @@ within 1e-4 relative; verdicts identical except for scores within that band of t
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import cv2
@@ -17,9 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from tests.export.conftest import IMAGE_SIZE, build_tiny_bundle, build_tiny_run  # noqa: E402
+from tests.export.conftest import IMAGE_SIZE, build_tiny_bundle, build_tiny_run
 
 TOL = 1e-4
 
