@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
 
+from training.config import format_errors, read_yaml_mapping
 from training.errors import ConfigError
 
 _LUMA = (0.299, 0.587, 0.114)
@@ -82,18 +82,12 @@ def load_policy(name_or_path: str | Path) -> AugmentPolicy:
     path = Path(key)
     if not path.is_file():
         raise ConfigError(f"--augment: {key!r} is neither a policy ({', '.join(POLICIES)}) nor a YAML file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+    data = read_yaml_mapping(path)
     data.setdefault("name", path.stem)
     try:
         return AugmentPolicy.model_validate(data)
     except ValidationError as exc:
-        msgs = [f"{path}: {'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError("\n".join(msgs)) from None
+        raise ConfigError(format_errors(exc, str(path))) from None
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator | None) -> Tensor:

@@ -65,6 +65,17 @@ def format_errors(exc: ValidationError, source: str) -> str:
     )
 
 
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """``yaml.safe_load`` a file whose top level must be a mapping (empty file -> ``{}``); ConfigError names it."""
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return loaded
+
+
 def parse_train_config(data: dict[str, Any], source: str = "<config>") -> TrainConfig:
     """Validate a mapping; raises ConfigError listing every bad field path."""
     try:
@@ -81,13 +92,7 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any] | None 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-        data, source = loaded, str(path)
+        data, source = read_yaml_mapping(path), str(path)
     for key, value in (overrides or {}).items():
         if value is None:
             continue
