@@ -38,9 +38,19 @@ PART_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "projection": (("f1", "f2", "f3"), ("p1", "p2", "p3")),
     "ocbe": (("p1", "p2", "p3"), ("z",)),
     "decoder": (("z",), ("d1", "d2", "d3")),
+    "density": (("f1", "f2", "f3"), ("density_map",)),
     "score": (("f1", "f2", "f3", "d1", "d2", "d3"), ("anomaly_map", "score")),
     "fused": (("image",), ("anomaly_map", "score")),
 }
+#: The score part of a recipe that fuses the density map.
+SCORE_WITH_DENSITY_IO = (("f1", "f2", "f3", "d1", "d2", "d3", "density_map"), ("anomaly_map", "score"))
+
+
+def part_io(name: str, with_density: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Input and output tensor names of a part (the score part takes ``density_map`` too when it fuses it)."""
+    return SCORE_WITH_DENSITY_IO if name == "score" and with_density else PART_IO[name]
+
+
 DEFAULT_OPSET = 17
 #: Opsets the TorchScript exporter of torch 2.14 writes and TensorRT 10.3 (JetPack 6) parses.
 MIN_OPSET, MAX_OPSET = 14, 20
@@ -72,13 +82,16 @@ class _AsTuple(nn.Module):
 class FusedModel(nn.Module):
     """``image (B,3,H,W)`` -> ``anomaly_map (B,1,H,W), score (B,)``: the whole chain in one graph."""
 
-    def __init__(self, model: nn.Module, scorer: nn.Module) -> None:
+    def __init__(self, model: nn.Module, scorer: nn.Module, density: nn.Module | None = None) -> None:
         super().__init__()
         self.model = model
         self.scorer = scorer
+        self.density = density
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
         feats, recon = self.model(image)
+        if self.density is not None:
+            return self.scorer(*feats, *recon, self.density(*feats))
         return self.scorer(*feats, *recon)
 
 
@@ -149,20 +162,26 @@ class _ExportRD(nn.Module):
         return feats, self.decoder(self.ocbe(*self.projection(*feats)))
 
 
-def part_modules(model: ReverseDistillation, scorer: nn.Module, image_size: tuple[int, int]) -> dict[str, nn.Module]:
+def part_modules(
+    model: ReverseDistillation, scorer: nn.Module, image_size: tuple[int, int], density: nn.Module | None = None
+) -> dict[str, nn.Module]:
     """The torch module behind each part, wrapped to return tuples (``projection`` as the model has it).
 
     The teacher is a copy with its SAME padding frozen for ``image_size`` (see :func:`freeze_same_padding`).
+    ``density`` (the scoring's density head) adds the ``density`` part; ``scorer`` must then take its map.
     """
     teacher = freeze_same_padding(model.teacher, image_size)
-    return {
+    parts: dict[str, nn.Module] = {
         "teacher": _AsTuple(teacher),
         "projection": _AsTuple(model.projection),
         "ocbe": _AsTuple(model.ocbe),
         "decoder": _AsTuple(model.decoder),
         "score": _AsTuple(scorer),
-        "fused": FusedModel(_ExportRD(model, teacher), scorer),
+        "fused": FusedModel(_ExportRD(model, teacher), scorer, density),
     }
+    if density is not None:
+        parts["density"] = _AsTuple(density)
+    return parts
 
 
 def _buffers(module: nn.Module) -> dict[str, Tensor]:
@@ -170,7 +189,12 @@ def _buffers(module: nn.Module) -> dict[str, Tensor]:
 
 
 def export_torch_part(
-    module: nn.Module, name: str, example: tuple[Tensor, ...], path: Path, opset: int = DEFAULT_OPSET
+    module: nn.Module,
+    name: str,
+    example: tuple[Tensor, ...],
+    path: Path,
+    opset: int = DEFAULT_OPSET,
+    io: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
 ) -> None:
     """Export one part with named tensors and a dynamic batch axis, then run the full ONNX check.
 
@@ -180,8 +204,9 @@ def export_torch_part(
         example: example inputs, each ``(B, ...)`` float32.
         path: output ``.onnx`` file.
         opset: ONNX opset.
+        io: input and output names (default ``PART_IO[name]``).
     """
-    inputs, outputs = PART_IO[name]
+    inputs, outputs = io or PART_IO[name]
     module.eval()
     before = _buffers(module)
     dynamic = {t: {0: "batch"} for t in (*inputs, *outputs)}

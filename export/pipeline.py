@@ -20,7 +20,7 @@ import numpy as np
 from export.bundle_writer import check_target, finalize_manifest, model_id, staging, tool_versions, utc_now
 from export.errors import ExportError, require
 from export.parity import FP16_SCORE_TOL, PART_TOL, SCORE_TOL
-from runtime.bundle import CHAIN, InputSpec, Manifest, PartSpec, PreprocessSpec, ThresholdSpec
+from runtime.bundle import CHAIN, CHAIN_WITH_DENSITY, InputSpec, Manifest, PartSpec, PreprocessSpec, ThresholdSpec
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def load_images(paths: list[Path], size: int, mean: tuple[float, ...], std: tupl
     return np.stack([preprocess(read_image(p), (size, size), mean, std) for p in paths]).astype(np.float32)
 
 
-def _torch_chain(model: Any, scorer: Any, x: np.ndarray) -> dict[str, np.ndarray]:
+def _torch_chain(model: Any, scoring: Any, x: np.ndarray) -> dict[str, np.ndarray]:
     """Every named tensor of the chain, computed by the torch model on ``x`` (reference for parity)."""
     import torch
 
@@ -142,7 +142,9 @@ def _torch_chain(model: Any, scorer: Any, x: np.ndarray) -> dict[str, np.ndarray
         p = model.projection(*f)
         z = model.ocbe(*p)
         d = model.decoder(z)
-        amap, score = scorer(*f, *d)
+        if scoring.density is not None:
+            t["density_map"] = scoring.density(*f)
+        amap, score = scoring(f, d)
         t.update(zip(("f1", "f2", "f3"), f, strict=True))
         t.update(zip(("p1", "p2", "p3"), p, strict=True))
         t["z"] = z
@@ -151,9 +153,9 @@ def _torch_chain(model: Any, scorer: Any, x: np.ndarray) -> dict[str, np.ndarray
     return {k: v.detach().numpy().astype(np.float32) for k, v in t.items()}
 
 
-def _torch_scores(model: Any, scorer: Any, images: np.ndarray, batch: int = 8) -> np.ndarray:
+def _torch_scores(model: Any, scoring: Any, images: np.ndarray, batch: int = 8) -> np.ndarray:
     return np.concatenate(
-        [_torch_chain(model, scorer, images[i : i + batch])["score"] for i in range(0, len(images), batch)]
+        [_torch_chain(model, scoring, images[i : i + batch])["score"] for i in range(0, len(images), batch)]
     )
 
 
@@ -170,7 +172,6 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
     require("onnxruntime", "export", "parity checks and threshold calibration")
     from export import onnx_parts, parity
     from export.fp16 import convert_file
-    from training.anomaly_map import AnomalyScorer
     from training.backbones import get_spec
     from training.build import load_model
     from training.threshold import calibrate_threshold, f1_optimal
@@ -193,15 +194,25 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
     if size % 32 or size < 32:
         raise ExportError(f"--image-size must be a multiple of 32 (>= 32), got {size}")
     spec = get_spec(cfg.model.backbone)
-    scorer = AnomalyScorer((size, size), cfg.model.sigma).eval()
+    from training.scoring import build_scoring
+
+    stored = ckpt.get("scoring")
+    if stored and size != cfg.data.image_size and float(stored["recipe"].get("density_weight", 0)) > 0:
+        raise ExportError(
+            f"--image-size {size}: the run's scoring recipe has a density head fitted at {cfg.data.image_size} px "
+            "(one Gaussian per position); export at the training size or retrain at this size"
+        )
+    scoring = build_scoring(stored, spec.channels, (size, size), cfg.model.sigma)
+    scorer = scoring.scorer.eval()
+    chain_names = CHAIN_WITH_DENSITY if scoring.density is not None else CHAIN
     calib = calibration_set(ckpt, cfg, opts.calib_data)
     calib_images = load_images(calib.good, size, spec.mean, spec.std)
     log.info("exporting %s (%s, %dx%d); threshold from %s", opts.run, cfg.model.backbone, size, size, calib.source)
 
     rng = np.random.default_rng(opts.seed)
     sets = [rng.standard_normal((2, 3, size, size)).astype(np.float32), calib_images[:1]]
-    refs = [_torch_chain(model, scorer, x) for x in sets]
-    modules = onnx_parts.part_modules(model, scorer, (size, size))
+    refs = [_torch_chain(model, scoring, x) for x in sets]
+    modules = onnx_parts.part_modules(model, scorer, (size, size), scoring.density)
     par: dict[str, float] = {}
 
     with staging(out, opts.force) as tmp:
@@ -209,14 +220,14 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
 
         specs: dict[str, PartSpec] = {}
         sessions: dict[str, Any] = {}
-        for name in (*CHAIN, *(("fused",) if opts.fused else ())):
-            ins, outs = onnx_parts.PART_IO[name]
+        for name in (*chain_names, *(("fused",) if opts.fused else ())):
+            ins, outs = onnx_parts.part_io(name, scoring.density is not None)
             path = tmp / ("model.onnx" if name == "fused" else f"{name}.onnx")
             if name == "projection" and onnx_parts.is_identity_projection(model.projection):
                 onnx_parts.write_identity_projection(path, onnx_parts.tensor_specs(ins, [refs[0][k] for k in ins]))
             else:
                 example = tuple(torch.from_numpy(refs[0][k]) for k in ins)
-                onnx_parts.export_torch_part(modules[name], name, example, path, opts.opset)
+                onnx_parts.export_torch_part(modules[name], name, example, path, opts.opset, (ins, outs))
             sess = parity.session(path)
             worst = (0.0, 0.0)
             for ref in refs:
@@ -235,9 +246,9 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
             sessions[name] = sess
 
         # Image scores of the calibration images: exported ONNX chain (ORT) vs torch.
-        chain = [sessions[p] for p in CHAIN]
+        chain = [sessions[p] for p in chain_names]
         ort_scores, _ = parity.chain_scores(chain, calib_images)
-        ref_scores = _torch_scores(model, scorer, calib_images)
+        ref_scores = _torch_scores(model, scoring, calib_images)
         err = parity.errors([ref_scores], [ort_scores])
         parity.check(f"calibration scores (n={len(calib_images)})", *err, opts.score_tol)
         par["calib_score_max_abs"], par["calib_score_max_rel"] = err
@@ -249,6 +260,12 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
             "sigma": float(cfg.model.sigma),
             "train_image_size": int(cfg.data.image_size),
             "checkpoint_epoch": int(ckpt.get("epoch", -1)) + 1,
+            "checkpoint_step": int(ckpt.get("step", 0)),
+            "scoring.recipe": scoring.recipe.name(),
+            "scoring.chosen_by": "synthetic defects on held-out good images (validation signal)"
+            if stored
+            else "fixed: the RD paper's scoring (no validation split)",
+            **({"scoring.signal": float(scoring.info["signal"])} if "signal" in scoring.info else {}),
             "parity_tolerance_part_rel": opts.parity_tol,
             "parity_tolerance_score_rel": opts.score_tol,
         }
@@ -257,7 +274,9 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
                 convert_file(tmp / f"{name}.onnx", tmp / f"{name}.fp16.onnx")
                 extra[f"fp16_onnx.{name}"] = f"{name}.fp16.onnx"
             try:
-                fp16_chain = [parity.session(tmp / f"{p}.fp16.onnx") for p in FP16_PARTS] + [sessions["score"]]
+                fp16_chain = [parity.session(tmp / f"{p}.fp16.onnx") for p in FP16_PARTS] + [
+                    sessions[p] for p in chain_names if p not in FP16_PARTS
+                ]
                 fp16_scores, _ = parity.chain_scores(fp16_chain, calib_images)
             except Exception as exc:  # noqa: BLE001 - ORT builds without FP16 CPU kernels raise their own types
                 log.warning("onnxruntime cannot run the FP16 graphs on this CPU (%s); FP16 parity not measured", exc)
@@ -292,14 +311,14 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
 
         files = file_hashes(tmp)
         manifest = Manifest(
-            model_id=model_id(cfg.model.backbone, [files[specs[p].file] for p in CHAIN]),
+            model_id=model_id(cfg.model.backbone, [files[specs[p].file] for p in chain_names]),
             created=utc_now(),
             backbone=cfg.model.backbone,
             input=InputSpec(name="image", height=size, width=size, max_batch=opts.max_batch),
             preprocess=PreprocessSpec(
                 color="rgb", interpolation="linear", scale=1.0 / 255.0, mean=list(spec.mean), std=list(spec.std)
             ),
-            parts=[specs[p] for p in CHAIN],
+            parts=[specs[p] for p in chain_names],
             fused=specs.get("fused"),
             threshold=threshold,
             parity=par,

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from export.errors import ExportError, MissingExtraError
-from runtime.bundle import CHAIN, EngineSpec, Manifest, load_manifest
+from runtime.bundle import EngineSpec, Manifest, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ Precision = Literal["fp16", "fp32"]
 #: First TensorRT version built strongly typed (weak typing deprecated in 10.12, removed in 11).
 STRONGLY_TYPED_FROM = (10, 12)
 MIN_VERSION = (10, 0)  # name-based tensor API (set_tensor_address, execute_async_v3)
-FP32_PARTS = frozenset({"score"})
+FP32_PARTS = frozenset({"score", "density"})  # distances and squared sums: FP16 would overflow or round
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,7 @@ def build_engines(
         raise ExportError(f"--max-batch must be >= 1, got {batch}")
     cache = bundle_dir / timing_cache_filename(version, gpu)
     new: list[EngineSpec] = []
-    for part in CHAIN:
+    for part in [p.name for p in manifest.parts]:
         spec = manifest.part(part)
         plan = decide_precision(version, part, precision)
         onnx_file = spec.file

@@ -7,7 +7,8 @@ A bundle is a directory::
     projection.onnx      f1, f2, f3 -> p1, p2, p3         (identity or trained projection)
     ocbe.onnx            p1, p2, p3 -> z                  (one-class bottleneck embedding)
     decoder.onnx         z -> d1, d2, d3                  (student)
-    score.onnx           f1, f2, f3, d1, d2, d3 -> anomaly_map (B,1,H,W), score (B,)   (always FP32)
+    density.onnx         f1, f2, f3 -> density_map (B,1,H/8,W/8)   (optional: per-position Gaussian, FP32)
+    score.onnx           f1, f2, f3, d1, d2, d3 [, density_map] -> anomaly_map (B,1,H,W), score (B,)   (FP32)
     model.onnx           optional fused graph image -> anomaly_map, score
     engines/*.engine     optional TensorRT engines, keyed by TensorRT version, GPU name and ONNX sha256
 
@@ -30,6 +31,8 @@ from runtime.errors import BundleError
 SCHEMA_VERSION: Final = 1
 MANIFEST_NAME = "manifest.json"
 CHAIN = ("teacher", "projection", "ocbe", "decoder", "score")
+#: The chain with the optional density head (its map is fused into the score part's).
+CHAIN_WITH_DENSITY = ("teacher", "projection", "ocbe", "decoder", "density", "score")
 
 
 class _Strict(BaseModel):
@@ -47,7 +50,7 @@ class TensorSpec(_Strict):
 class PartSpec(_Strict):
     """One ONNX graph of the chain."""
 
-    name: str = Field(..., description="teacher | projection | ocbe | decoder | score | fused")
+    name: str = Field(..., description="teacher | projection | ocbe | decoder | density | score | fused")
     file: str = Field(..., description="ONNX file, relative to the bundle")
     precision: Literal["fp32", "fp16"] = Field("fp32", description="precision the ONNX graph's weights are stored in")
     inputs: list[TensorSpec]
@@ -121,8 +124,8 @@ class Manifest(_Strict):
     @model_validator(mode="after")
     def _chain_complete(self) -> Manifest:
         names = [p.name for p in self.parts]
-        if names != list(CHAIN):
-            raise ValueError(f"parts must be {list(CHAIN)} in that order, got {names}")
+        if names not in (list(CHAIN), list(CHAIN_WITH_DENSITY)):
+            raise ValueError(f"parts must be {list(CHAIN)} (or with 'density' before 'score') in order, got {names}")
         specs: list[PartSpec | EngineSpec] = [*self.parts, *([self.fused] if self.fused else []), *self.engines]
         for spec in specs:
             if spec.file not in self.files:

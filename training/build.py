@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ def build_projection(cfg: TrainConfig) -> nn.Module:
 def build_model(cfg: TrainConfig, pretrained: bool | None = None) -> ReverseDistillation:
     """Teacher (frozen, ImageNet or ``teacher_weights``) + projection + OCBE + decoder."""
     spec = get_spec(cfg.model.backbone)
+    if cfg.model.signed_decoder is not None:
+        spec = dataclasses.replace(spec, signed=cfg.model.signed_decoder)
     teacher = build_teacher(
         cfg.model.backbone,
         cfg.model.teacher_weights,

@@ -3,7 +3,9 @@
 Keys: ``format``, ``version``, ``config`` (TrainConfig as a plain dict), ``seed``, ``epoch``, ``model`` (the
 inference model's state_dict: teacher, projection, OCBE, decoder), ``aux`` (training-only auxiliary weights or
 ``None``: never part of the inference model), ``optimizer`` (list of optimiser state_dicts), ``best_val_loss``,
-``split`` (validation file names, for threshold calibration).
+``split`` (validation file names, for threshold calibration), ``step``, ``best_signal``, ``best_step``, ``history``
+(the validation signal per evaluation) and ``scoring`` (the chosen :class:`~training.scoring.ScoreRecipe`, channel
+statistics and density head; ``None`` -> the RD paper's scoring).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from training.errors import CheckpointError
 
 FORMAT = "rdedge-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: steps, validation signal, 'scoring'; decoder sized to the teacher (signed outputs)
 LAST = "checkpoint_last.pt"
 BEST = "checkpoint_best.pt"
 
@@ -49,5 +51,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an rdedge checkpoint (no format={FORMAT!r} key)")
     if ckpt.get("version") != VERSION:
-        raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')} is not supported (want {VERSION})")
+        raise CheckpointError(
+            f"{path}: checkpoint version {ckpt.get('version')} is not supported (want {VERSION}); it was written by an "
+            "older rdedge whose decoder differs: retrain with this version"
+        )
     return ckpt

@@ -26,6 +26,9 @@ class DataConfig(_Strict):
     max_images: int | None = Field(
         None, ge=2, description="use at most this many train/good images, chosen evenly from the sorted list"
     )
+    cache_limit_mb: float = Field(
+        2048.0, gt=0, description="teacher features cached in RAM up to this size, in memmap files in the run past it"
+    )
 
 
 class ModelConfig(_Strict):
@@ -36,14 +39,37 @@ class ModelConfig(_Strict):
         "identity", description="identity (plain RD) | aux (SimCLR-aligned heads) | rdpp (RD++ projection)"
     )
     sigma: float = Field(4.0, ge=0.0, description="Gaussian blur sigma of the anomaly map in pixels")
+    signed_decoder: bool | None = Field(
+        None, description="decoder stage outputs without ReLU (default: when the teacher's features are signed)"
+    )
 
 
 class OptimConfig(_Strict):
     lr: float = Field(0.005, gt=0, description="Adam learning rate (RD: 0.005)")
     betas: tuple[float, float] = Field((0.5, 0.999), description="Adam betas (RD: 0.5, 0.999)")
     batch_size: int = Field(16, ge=1, description="images per step")
-    epochs: int = Field(200, ge=1, description="passes over train/good")
-    max_minutes: float | None = Field(None, gt=0, description="stop after this wall time (end of an epoch)")
+    steps: int = Field(1000, ge=1, description="optimiser steps (ignored when epochs is set)")
+    epochs: int | None = Field(None, ge=1, description="passes over train/good; overrides steps when set")
+    max_minutes: float | None = Field(None, gt=0, description="stop after this wall time (at the next evaluation)")
+
+
+class PinConfig(_Strict):
+    """Scoring settings fixed by the user instead of chosen by the validation signal (``None``: choose)."""
+
+    weights: tuple[float, float, float] | None = Field(None, description="weights of the stride 4/8/16 maps")
+    standardize: bool | None = Field(None, description="compare per-channel standardised features")
+    reduction: Literal["max", "topk"] | None = Field(None, description="image score: max or top-1% mean")
+    density_weight: float | None = Field(None, ge=0.0, lt=1.0, description="share of the density map (0: RD only)")
+
+
+class SelectionConfig(_Strict):
+    """Checkpoint and scoring choice by synthetic defects on the held-out good images (never the test set)."""
+
+    every_steps: int = Field(100, ge=1, description="evaluate the validation signal every N steps (and at the end)")
+    synthetic_per_image: int = Field(3, ge=1, le=20, description="synthetic defects made from each validation image")
+    density: bool = Field(True, description="fit the per-position Gaussian density head (fusion candidates)")
+    density_dims: int = Field(64, ge=4, le=1024, description="PCA dimensions of the density head")
+    pin: PinConfig = Field(default_factory=PinConfig, description="scoring settings fixed instead of chosen")
 
 
 class TrainConfig(_Strict):
@@ -54,7 +80,7 @@ class TrainConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
-    eval_every: int = Field(1, ge=1, description="validate every N epochs (validation loss on held-out good images)")
+    selection: SelectionConfig = Field(default_factory=SelectionConfig, description="checkpoint and scoring choice")
     extra: ExtraConfig = Field(default_factory=ExtraConfig, description="settings of the auxiliary / RD++ objectives")
 
 

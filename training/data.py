@@ -5,7 +5,8 @@ Layout read::
     CATEGORY/train/good/*.png|jpg|...          defect-free training images
     CATEGORY/test/good/*                       defect-free test images
     CATEGORY/test/<defect>/NNN.png             defective test images
-    CATEGORY/ground_truth/<defect>/NNN_mask.png  masks (non-zero = defect), same size as the image
+    CATEGORY/ground_truth/<defect>/NNN_mask.png  masks (non-zero = defect), same size as the image; optional:
+                                               without ground_truth/<defect> the defect type has image labels only
 
 A plain folder of images (no ``train/``) is accepted for training alone. Images of any size, grey or colour; grey
 becomes 3 channels. Preprocessing is the bundle's ``PreprocessSpec`` exactly (cv2 decode -> RGB -> cv2.resize
@@ -109,8 +110,12 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(mask.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 0
 
 
-def _mask_for(root: Path, defect: str, img: Path) -> Path:
+def _mask_for(root: Path, defect: str, img: Path) -> Path | None:
+    """The mask of a defective test image; ``None`` when the category has no ``ground_truth/<defect>`` folder
+    (image labels only: image metrics are computed, pixel metrics reported as n/a)."""
     gt = root / "ground_truth" / defect
+    if not gt.is_dir():
+        return None
     for cand in (gt / f"{img.stem}_mask.png", gt / f"{img.stem}.png", gt / f"{img.stem}_mask{img.suffix}"):
         if cand.is_file():
             return cand

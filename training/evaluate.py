@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from training.anomaly_map import AnomalyScorer
 from training.build import load_model
 from training.data import ImageDataset, Sample, discover
 from training.metrics import aupro, auroc, f1_max
 from training.model import ReverseDistillation
+from training.scoring import Scoring, build_scoring
 from training.threshold import calibrate_threshold
 from training.train import collate
 
@@ -41,7 +41,7 @@ class Predictions:
 @torch.no_grad()
 def predict(
     model: ReverseDistillation,
-    scorer: AnomalyScorer,
+    scoring: Scoring,
     samples: list[Sample],
     size: tuple[int, int],
     mean: tuple[float, ...],
@@ -54,15 +54,17 @@ def predict(
     """Score ``samples``; unreadable images are errors here (naming the path), never silently skipped."""
     from tqdm import tqdm
 
-    with_masks = keep_maps and any(s.mask is not None for s in samples)
+    # Pixel metrics need a mask for every defective image; a set with image labels only has none.
+    defective = [s for s in samples if s.label == 1]
+    with_masks = keep_maps and bool(defective) and all(s.mask is not None for s in defective)
     ds = ImageDataset(samples, size, mean, std, skip_unreadable=False, with_masks=with_masks)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate)
     model.eval()
-    scorer = scorer.to(device)
+    scoring = scoring.to(device)
     scores, maps, masks = [], [], []
     for batch in tqdm(loader, desc="scoring", unit="batch", disable=not show_progress, leave=False):
         feats, recon = model(batch["image"].to(device))
-        amap, score = scorer(*feats, *recon)
+        amap, score = scoring(feats, recon)
         scores.append(score.cpu().numpy())
         if keep_maps:
             maps.append(amap[:, 0].cpu().numpy().astype(np.float32))
@@ -93,6 +95,8 @@ def compute_metrics(pred: Predictions) -> dict[str, Any]:
     if pred.masks is not None and pred.maps is not None:
         out["pixel_auroc"] = auroc(pred.maps, pred.masks)
         out["aupro"] = aupro(pred.maps, pred.masks)
+    else:
+        out["pixel_auroc"] = out["aupro"] = None  # image labels only: no masks, pixel metrics n/a
     per: dict[str, dict[str, float]] = {}
     good = defects == "good"
     for d in sorted(set(defects.tolist()) - {"good"}):
@@ -129,7 +133,7 @@ def format_table(metrics: dict[str, Any]) -> str:
     rows = [("overall", metrics)] + sorted(metrics["per_defect"].items())
     lines = [head]
     for name, m in rows:
-        cells = "".join(f"{m[k]:>14.4f}" if k in m else f"{'-':>14}" for k in keys)
+        cells = "".join(f"{m[k]:>14.4f}" if m.get(k) is not None else f"{'n/a':>14}" for k in keys)
         lines.append(f"{name:<14}" + cells)
     return "\n".join(lines)
 
@@ -151,18 +155,20 @@ def evaluate(
     spec = get_spec(cfg.model.backbone)
     size = (cfg.data.image_size, cfg.data.image_size)
     splits = discover(data, cfg.data.val_fraction, cfg.seed, need_test=True, max_images=cfg.data.max_images)
-    scorer = AnomalyScorer(size, cfg.model.sigma)
-    test = predict(model, scorer, splits.test, size, spec.mean, spec.std, dev, batch_size, True, show_progress)
+    scoring = build_scoring(ckpt.get("scoring"), spec.channels, size, cfg.model.sigma)
+    test = predict(model, scoring, splits.test, size, spec.mean, spec.std, dev, batch_size, True, show_progress)
     metrics = compute_metrics(test)
     labels = np.array([s.label for s in test.samples])
     if splits.val:
-        val = predict(model, scorer, splits.val, size, spec.mean, spec.std, dev, batch_size, keep_maps=False)
+        val = predict(model, scoring, splits.val, size, spec.mean, spec.std, dev, batch_size, keep_maps=False)
         thr = calibrate_threshold(val.scores)
         metrics["validation_threshold"] = thr.to_dict()
         metrics["at_validation_threshold"] = operating_point(test.scores, labels, thr.value)
     metrics["run"] = str(run)
     metrics["data"] = str(data)
     metrics["epoch"] = int(ckpt["epoch"]) + 1
+    metrics["step"] = int(ckpt.get("step", 0))
+    metrics["recipe"] = scoring.recipe.name()
     metrics["backbone"] = cfg.model.backbone
     metrics["image_size"] = cfg.data.image_size
     run_dir = Path(run) if Path(run).is_dir() else Path(run).parent

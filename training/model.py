@@ -44,9 +44,12 @@ class Bottleneck(nn.Module):
 
 
 class DeBottleneck(nn.Module):
-    """Decoder bottleneck: like :class:`Bottleneck`, but ``stride=2`` doubles H, W with a 2x2 transposed conv."""
+    """Decoder bottleneck: like :class:`Bottleneck`, but ``stride=2`` doubles H, W with a 2x2 transposed conv.
 
-    def __init__(self, cin: int, width: int, cout: int, stride: int = 1) -> None:
+    ``out_relu=False`` ends the block without ReLU: the last block of a stage whose teacher features are signed.
+    """
+
+    def __init__(self, cin: int, width: int, cout: int, stride: int = 1, out_relu: bool = True) -> None:
         super().__init__()
         self.conv1, self.bn1 = _conv1x1(cin, width), nn.BatchNorm2d(width)
         if stride == 2:
@@ -56,6 +59,7 @@ class DeBottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3, self.bn3 = _conv1x1(width, cout), nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
+        self.out_act: nn.Module = nn.ReLU() if out_relu else nn.Identity()
         self.upsample: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
             self.upsample = nn.Sequential(
@@ -67,7 +71,7 @@ class DeBottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + self.upsample(x))
+        return self.out_act(out + self.upsample(x))
 
 
 def _width(spec: BackboneSpec, cout: int) -> int:
@@ -113,8 +117,11 @@ class Decoder(nn.Module):
 
     @staticmethod
     def _stage(spec: BackboneSpec, cin: int, cout: int, n: int) -> nn.Sequential:
+        """``n`` blocks, the first one upsampling; the stage output is signed when the teacher's is."""
         w = _width(spec, cout)
-        return nn.Sequential(DeBottleneck(cin, w, cout, stride=2), *[DeBottleneck(cout, w, cout) for _ in range(n - 1)])
+        blocks = [DeBottleneck(cin, w, cout, stride=2, out_relu=not spec.signed or n > 1)]
+        blocks += [DeBottleneck(cout, w, cout, out_relu=not spec.signed or i < n - 2) for i in range(n - 1)]
+        return nn.Sequential(*blocks)
 
     def forward(self, z: Tensor) -> list[Tensor]:
         d3 = self.layer1(z)
@@ -128,6 +135,21 @@ class IdentityProjection(nn.Module):
 
     def forward(self, f1: Tensor, f2: Tensor, f3: Tensor) -> list[Tensor]:
         return [f1, f2, f3]
+
+
+class Student(nn.Module):
+    """The trainable path ``[f1, f2, f3] -> projection -> OCBE -> decoder -> [d1, d2, d3]``.
+
+    Training runs this on cached teacher features (the teacher is frozen and sees no augmentation, so its outputs
+    are computed once per run); it shares its submodules with :class:`ReverseDistillation`.
+    """
+
+    def __init__(self, projection: nn.Module, ocbe: OCBE, decoder: Decoder) -> None:
+        super().__init__()
+        self.projection, self.ocbe, self.decoder = projection, ocbe, decoder
+
+    def forward(self, f1: Tensor, f2: Tensor, f3: Tensor) -> list[Tensor]:
+        return self.decoder(self.ocbe(*self.projection(f1, f2, f3)))
 
 
 class ReverseDistillation(nn.Module):
@@ -156,6 +178,10 @@ class ReverseDistillation(nn.Module):
         proj = self.projection(*feats)
         z = self.ocbe(*proj)
         return feats, self.decoder(z)
+
+    def student(self) -> Student:
+        """The trainable path as its own module (same parameters), for training on cached teacher features."""
+        return Student(self.projection, self.ocbe, self.decoder)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """Everything but the teacher (which is rebuilt from its registry weights)."""

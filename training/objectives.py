@@ -27,12 +27,6 @@ from training.train import Objective
 log = logging.getLogger(__name__)
 
 
-def _unwrap(model: nn.Module) -> ReverseDistillation:
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    assert isinstance(inner, ReverseDistillation)
-    return inner
-
-
 class _Tap:
     """Forward hook that keeps the last output of a module while armed: ``[p1, p2, p3]``."""
 
@@ -45,16 +39,16 @@ class _Tap:
         if self.armed:
             self.out = list(output)
 
-    def run(self, model: nn.Module, images: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """``model(images)`` -> (teacher feats, projected feats, decoder feats)."""
+    def run(self, student: nn.Module, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """``student(*feats)`` -> (projected feats, decoder feats)."""
         self.armed, self.out = True, None
         try:
-            feats, recon = model(images)
+            recon = student(*feats)
         finally:
             self.armed = False
         assert self.out is not None
         proj, self.out = self.out, None
-        return feats, proj, recon
+        return proj, recon
 
 
 def _grad_allreduce(p: Tensor) -> None:
@@ -134,8 +128,8 @@ class AuxObjective(Objective):
         groups = [{"params": rest, "lr": cfg.optim.lr}, {"params": proj, "lr": lr}]
         return [torch.optim.Adam(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)]
 
-    def loss(self, model: nn.Module, images: Tensor) -> tuple[Tensor, dict[str, float]]:
-        feats, proj, recon = self.tap.run(model, images)
+    def loss(self, student: nn.Module, feats: list[Tensor], images: Tensor) -> tuple[Tensor, dict[str, float]]:
+        proj, recon = self.tap.run(student, feats)
         kd = flattened_cosine_loss(feats, recon)
         with torch.no_grad():
             target = self.aux(self.renorm(images))
@@ -232,6 +226,8 @@ class RDPPObjective(Objective):
         )
         self.g = torch.Generator().manual_seed(cfg.seed + 1)
         self.tap = _Tap(model.projection)
+        self.teacher = model.teacher
+        self.projection = model.projection
 
     def parameters_groups(self, model: ReverseDistillation, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
         rest = list(model.ocbe.parameters()) + list(model.decoder.parameters())
@@ -240,15 +236,14 @@ class RDPPObjective(Objective):
             torch.optim.Adam(model.projection.parameters(), lr=self.r.proj_lr, betas=cfg.optim.betas),
         ]
 
-    def loss(self, model: nn.Module, images: Tensor) -> tuple[Tensor, dict[str, float]]:
-        m = _unwrap(model)
+    def loss(self, student: nn.Module, feats: list[Tensor], images: Tensor) -> tuple[Tensor, dict[str, float]]:
         t0 = time.perf_counter()
         noisy = images + self.noise(images.shape[0]).to(images.device) / self.std
         noise_ms = 1000 * (time.perf_counter() - t0)
-        feats, proj, recon = self.tap.run(model, images)
+        proj, recon = self.tap.run(student, feats)
         with torch.no_grad():
-            feats_noise = m.teacher(noisy)
-        proj_noise = m.projection(*feats_noise)
+            feats_noise = self.teacher(noisy)
+        proj_noise = self.projection(*feats_noise)
         kd = flattened_cosine_loss(feats, recon)
         b = images.shape[0]
         perm = torch.randperm(b, generator=self.g).to(images.device)

@@ -100,6 +100,8 @@ def write_report(
             figures.append((title, cells))
 
     def fmt(v: Any) -> str:
+        if v is None:
+            return "n/a"  # image labels only: no pixel metrics
         return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
 
     keys = ["image_auroc", "image_f1_max", "pixel_auroc", "aupro"]

@@ -1,7 +1,7 @@
 """Reverse Distillation training loop: ``train_one_epoch``, ``validate``, ``fit``. Reads top to bottom.
 
-Model selection uses the validation split (defect-free images kept aside from train/good): the checkpoint with the
-lowest validation loss is ``checkpoint_best.pt``. The test set is never touched here.
+Model selection uses the validation split (defect-free images kept aside from train/good) and synthetic defects
+made from it (:mod:`training.selection`); the test set is never touched here.
 
 Multi-GPU / multi-process: run under ``torchrun --nproc_per_node N -m training.train ...`` or ``rdedge train`` with
 ``WORLD_SIZE`` set; each rank sees its DistributedSampler shard, rank 0 writes checkpoints and logs.
@@ -23,13 +23,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler
 
 from training.build import build_model
 from training.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.data import ImageDataset, discover
 from training.errors import CheckpointError, ConfigError
+from training.features import FeatureSet
 from training.loss import flattened_cosine_loss
 from training.model import ReverseDistillation
 
@@ -75,14 +75,18 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Tensor]:
 
 
 class Objective:
-    """Plain RD: flattened cosine between teacher and decoder features. Subclasses add auxiliary terms."""
+    """Plain RD: flattened cosine between teacher and decoder features. Subclasses add auxiliary terms.
+
+    ``loss`` gets the :class:`~training.model.Student` (possibly DDP-wrapped), the batch's cached teacher features
+    and its preprocessed images (for objectives that need more than the frozen teacher's view).
+    """
 
     def parameters_groups(self, model: ReverseDistillation, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
         params = [p for p in model.parameters() if p.requires_grad]
         return [torch.optim.Adam(params, lr=cfg.optim.lr, betas=cfg.optim.betas)]
 
-    def loss(self, model: nn.Module, images: Tensor) -> tuple[Tensor, dict[str, float]]:
-        feats, recon = model(images)
+    def loss(self, student: nn.Module, feats: list[Tensor], images: Tensor) -> tuple[Tensor, dict[str, float]]:
+        recon = student(*feats)
         kd = flattened_cosine_loss(feats, recon)
         return kd, {"kd": float(kd.detach())}
 
@@ -102,63 +106,43 @@ def build_objective(cfg: TrainConfig, model: ReverseDistillation, aux_dir: str |
     return objectives.build(cfg, model, aux_dir)
 
 
-def train_one_epoch(
-    model: nn.Module,
-    objective: Objective,
-    optimizers: list[torch.optim.Optimizer],
-    loader: DataLoader,
-    device: torch.device,
-    epoch: int,
-    epochs: int,
-    show_progress: bool,
-) -> dict[str, float]:
-    """One pass over the training images; returns mean losses and images/s."""
-    from tqdm import tqdm
-
-    model.train()
-    sums: dict[str, float] = {}
-    n_img, t0 = 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not show_progress, leave=False)
-    for batch in bar:
-        images = batch["image"].to(device, non_blocking=True)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        loss, parts = objective.loss(model, images)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch + 1}; lower optim.lr")
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-        n = images.shape[0]
-        n_img += n
-        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * n
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v * n
-        ips = n_img / max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix(loss=f"{sums['loss'] / n_img:.4f}", img_s=f"{ips:.1f}")
-    out = {k: v / max(n_img, 1) for k, v in sums.items()}
-    out["images_per_s"] = n_img / max(time.perf_counter() - t0, 1e-9)
-    return out
-
-
 @torch.no_grad()
-def validate(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
-    """Mean RD loss on the held-out good images (model selection without the test set)."""
-    model.eval()
-    total, n = 0.0, 0
-    for batch in loader:
-        images = batch["image"].to(device)
-        feats, recon = model(images)
-        # per-image loss so the mean does not depend on the batch split
-        for i in range(images.shape[0]):
-            total += float(flattened_cosine_loss([f[i : i + 1] for f in feats], [r[i : i + 1] for r in recon]))
-            n += 1
-    return total / max(n, 1)
+def validation_loss(student: nn.Module, fs: FeatureSet, batch: int = 16) -> float:
+    """Mean per-image RD loss on held-out good images (logged for information; selection uses the signal)."""
+    student.eval()
+    total = 0.0
+    for i in range(0, len(fs), batch):
+        feats = [f[i : i + batch] for f in fs.feats]
+        recon = student(*feats)
+        for j in range(feats[0].shape[0]):
+            total += float(flattened_cosine_loss([f[j : j + 1] for f in feats], [r[j : j + 1] for r in recon]))
+    return total / max(len(fs), 1)
 
 
 def _log_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def to_unit_rgb(x: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """Normalised ``(N, 3, H, W)`` -> ``(N, H, W, 3)`` in [0, 1]."""
+    m, s = np.asarray(mean, np.float32).reshape(1, 3, 1, 1), np.asarray(std, np.float32).reshape(1, 3, 1, 1)
+    return np.ascontiguousarray((x * s + m).transpose(0, 2, 3, 1))
+
+
+def from_unit_rgb(x: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """``(N, H, W, 3)`` in [0, 1] -> normalised ``(N, 3, H, W)``."""
+    m, s = np.asarray(mean, np.float32).reshape(1, 3, 1, 1), np.asarray(std, np.float32).reshape(1, 3, 1, 1)
+    return np.ascontiguousarray((x.transpose(0, 3, 1, 2) - m) / s).astype(np.float32)
+
+
+def _batches(n: int, batch: int, seed: int, epoch: int, rank: int, world: int) -> list[Tensor]:
+    """The index batches of one epoch: a seeded permutation (the same on resume), this rank's share."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    perm = perm[rank::world]
+    drop_last = len(perm) > batch
+    stop = len(perm) - len(perm) % batch if drop_last else len(perm)
+    return [perm[i : i + batch] for i in range(0, stop, batch)]
 
 
 def fit(
@@ -169,11 +153,24 @@ def fit(
     aux_dir: str | Path | None = None,
     show_progress: bool = True,
 ) -> Path:
-    """Train RD on the good images of ``data`` and write checkpoints + ``log.jsonl`` to ``out_dir``.
+    """Train RD on the good images of ``data`` and write checkpoints, ``log.jsonl`` and ``selection.json``.
+
+    Images are decoded and the frozen teacher run once (:mod:`training.features`); each step trains the OCBE and
+    decoder on cached features. Every ``selection.every_steps`` the validation signal (:mod:`training.selection`)
+    scores the held-out good images and synthetic defects made from them under every candidate scoring recipe; the
+    best (checkpoint, recipe) is ``checkpoint_best.pt`` with the recipe under ``"scoring"``.
 
     Returns:
-        Path of the best checkpoint (lowest validation loss; the last one if there is no validation split).
+        Path of the best checkpoint (the last one if there is no validation split).
     """
+    from tqdm import tqdm
+
+    from training.backbones import get_spec
+    from training.features import feature_set, load_images
+    from training.scoring import PAPER_RECIPE, ChannelStats, DensityHead, scoring_state
+    from training.selection import Selector
+    from training.synthetic import synthesize
+
     dinfo = init_distributed(cfg.device)
     if not dinfo.is_main:
         logging.getLogger("training").setLevel(logging.WARNING)  # rank 0 logs for everyone
@@ -183,17 +180,74 @@ def fit(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
+    progress = show_progress and dinfo.is_main
 
     splits = discover(data, cfg.data.val_fraction, cfg.seed, max_images=cfg.data.max_images)
     size = (cfg.data.image_size, cfg.data.image_size)
+    spec = get_spec(cfg.model.backbone)
     model = build_model(cfg).to(device)
-    spec_mean, spec_std = _norm(cfg)
-    train_ds = ImageDataset(splits.train, size, spec_mean, spec_std, skip_unreadable=True)
-    val_ds = ImageDataset(splits.val, size, spec_mean, spec_std, skip_unreadable=True) if splits.val else None
+    mean, std = spec.mean, spec.std
+    train_samples = ImageDataset(splits.train, size, mean, std, skip_unreadable=True)
+    val_samples = ImageDataset(splits.val, size, mean, std, skip_unreadable=True).samples if splits.val else []
+    t_cache = time.perf_counter()
+    train_np, _ = load_images(train_samples.samples, size, mean, std, show_progress=progress, desc="decoding train")
+    train_fs = feature_set(
+        model.teacher,
+        train_np,
+        device,
+        cache_dir=out / "cache",
+        limit_mb=cfg.data.cache_limit_mb,
+        show_progress=progress,
+    )
+    del train_np
+    stats = ChannelStats(spec.channels).fit(train_fs.feats)
+    selector: Selector | None = None
+    density: DensityHead | None = None
+    good_fs = None
+    if val_samples:
+        if cfg.selection.density:
+            density = DensityHead(spec.channels, size, cfg.selection.density_dims).fit(train_fs.feats)
+        val_np, _ = load_images(val_samples, size, mean, std, desc="decoding validation")
+        synth01, synth_masks, kinds = synthesize(
+            to_unit_rgb(val_np, mean, std), cfg.selection.synthetic_per_image, cfg.seed
+        )
+        good_fs = feature_set(model.teacher, val_np, device)
+        synth_fs = feature_set(model.teacher, from_unit_rgb(synth01, mean, std), device)
+        pin = cfg.selection.pin.model_dump()
+        selector = Selector(
+            good_fs,
+            synth_fs,
+            synth_masks,
+            size,
+            cfg.model.sigma,
+            stats,
+            density,
+            pin,
+            pixel_stride=max(1, cfg.data.image_size // 128),
+        )
+        log.info(
+            "selection: %d good validation images + %d synthetic defects (%s), %d candidate recipes",
+            len(good_fs),
+            len(synth_fs),
+            ", ".join(f"{k} {kinds.count(k)}" for k in sorted(set(kinds))),
+            len(selector.cands),
+        )
+    cache_s = time.perf_counter() - t_cache
+
     objective = build_objective(cfg, model, aux_dir)
     optimizers = objective.parameters_groups(model, cfg)
+    student = model.student()
+    train_student: nn.Module = student
+    if dinfo.world_size > 1:
+        train_student = nn.parallel.DistributedDataParallel(
+            student, device_ids=[dinfo.local_rank] if cfg.device == "cuda" else None
+        )
+    n_train = len(train_fs)
+    per_epoch = len(_batches(n_train, cfg.optim.batch_size, cfg.seed, 0, dinfo.rank, dinfo.world_size))
+    total_steps = cfg.optim.epochs * per_epoch if cfg.optim.epochs else cfg.optim.steps
 
-    start_epoch, best, history_best_epoch = 0, math.inf, -1
+    start_step, best_signal, best_step = 0, -math.inf, -1
+    history: list[dict[str, Any]] = []
     if resume:
         last = out / LAST
         if not last.is_file():
@@ -202,111 +256,176 @@ def fit(
         diff = _config_diff(ckpt["config"], cfg.model_dump(mode="json"))
         if diff:
             raise ConfigError(
-                f"--resume: {', '.join(diff)} differ(s) from the config stored in {last}; "
-                "only optim.epochs and optim.max_minutes may change on resume (use a new --out otherwise)"
+                f"--resume: {', '.join(diff)} differ(s) from the config stored in {last}; only optim.steps, "
+                "optim.epochs and optim.max_minutes may change on resume (use a new --out otherwise)"
             )
         model.load_state_dict(ckpt["model"])
         for opt, state in zip(optimizers, ckpt["optimizer"], strict=True):
             opt.load_state_dict(state)
         if ckpt.get("aux") is not None and hasattr(objective, "load_state_dict"):
             objective.load_state_dict(ckpt["aux"])
-        start_epoch, best = ckpt["epoch"] + 1, ckpt.get("best_val_loss", math.inf)
-        log.info("resuming from epoch %d (best validation loss %.5f)", start_epoch, best)
+        start_step = int(ckpt["step"])
+        best_signal = float(ckpt.get("best_signal", -math.inf))
+        best_step = int(ckpt.get("best_step", -1))
+        history = list(ckpt.get("history", []))
+        log.info("resuming from step %d (best signal %.4f at step %d)", start_step, best_signal, best_step)
 
-    train_model: nn.Module = model
-    sampler = None
-    if dinfo.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dinfo.local_rank] if cfg.device == "cuda" else None
-        )
-        sampler = DistributedSampler(train_ds, num_replicas=dinfo.world_size, rank=dinfo.rank, seed=cfg.seed)
-    g = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(
-        train_ds,
-        batch_size=cfg.optim.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        generator=g,
-        drop_last=len(train_ds) > cfg.optim.batch_size * dinfo.world_size,
-        num_workers=cfg.data.num_workers,
-        collate_fn=collate,
-    )
-    val_loader = (
-        DataLoader(val_ds, batch_size=cfg.optim.batch_size, shuffle=False, collate_fn=collate) if val_ds else None
-    )
-    split_record = {"train": [str(s.path) for s in train_ds.samples], "val": [str(s.path) for s in splits.val]}
+    split_record = {"train": [str(s.path) for s in train_samples.samples], "val": [str(s.path) for s in splits.val]}
     if dinfo.is_main:
         (out / "split.json").write_text(json.dumps(split_record, indent=1))
         (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        n_params = sum(p.numel() for p in student.parameters() if p.requires_grad)
         log.info(
-            "training %s RD on %d images (%d validation, %d skipped), %dx%d, batch %d, %d epochs, device %s",
+            "training %s RD on %d images (%d validation, %d skipped), %dx%d, batch %d, %d steps (%d a pass), "
+            "%.2f M trainable parameters, device %s; cache built in %.1f s",
             cfg.model.backbone,
-            len(train_ds),
-            len(splits.val),
-            len(train_ds.skipped),
+            n_train,
+            len(val_samples),
+            len(train_samples.skipped),
             *size,
             cfg.optim.batch_size,
-            cfg.optim.epochs,
+            total_steps,
+            per_epoch,
+            n_params / 1e6,
             device,
+            cache_s,
         )
+
+    def payload(step: int, scoring: dict[str, Any] | None) -> dict[str, Any]:
+        return {
+            "config": cfg.model_dump(mode="json"),
+            "seed": cfg.seed,
+            "step": step,
+            "epoch": (step - 1) // max(per_epoch, 1),
+            "model": model.state_dict(),
+            "aux": objective.state_dict(),
+            "optimizer": [opt.state_dict() for opt in optimizers],
+            "best_signal": best_signal,
+            "best_step": best_step,
+            "history": history,
+            "scoring": scoring,
+            "split": split_record,
+        }
+
     t_start = time.perf_counter()
-    epoch = start_epoch - 1
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        stats = train_one_epoch(
-            train_model, objective, optimizers, loader, device, epoch, cfg.optim.epochs, show_progress and dinfo.is_main
+    sums: dict[str, float] = {}
+    n_seen, t_window = 0, time.perf_counter()
+    last_eval: dict[str, Any] = {}
+    bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", disable=not progress)
+    step = start_step
+    epoch, batches = -1, []
+    student.train()
+    while step < total_steps:
+        e, pos = divmod(step, per_epoch)
+        if e != epoch:
+            epoch, batches = e, _batches(n_train, cfg.optim.batch_size, cfg.seed, e, dinfo.rank, dinfo.world_size)
+        idx = batches[pos]
+        images, feats = train_fs.batch(idx)
+        images, feats = images.to(device, non_blocking=True), [f.to(device, non_blocking=True) for f in feats]
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss, parts = objective.loss(train_student, feats, images)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {float(loss)} at step {step + 1}; lower optim.lr")
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        step += 1
+        n = int(idx.numel())
+        n_seen += n
+        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * n
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v * n
+        window = max(time.perf_counter() - t_window, 1e-9)
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{sums['loss'] / n_seen:.4f}",
+            img_s=f"{n_seen / window:.0f}",
+            signal=f"{last_eval.get('signal', float('nan')):.3f}",
         )
-        val_loss = math.nan
-        due = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.optim.epochs
-        if dinfo.is_main and val_loader is not None and due:
-            val_loss = validate(model, val_loader, device)
+        due = step % cfg.selection.every_steps == 0 or step == total_steps
         elapsed = time.perf_counter() - t_start
+        out_of_time = cfg.optim.max_minutes is not None and elapsed > cfg.optim.max_minutes * 60
+        if not (due or out_of_time):
+            continue
+        stats_window = {k: v / max(n_seen, 1) for k, v in sums.items()}
+        stats_window["images_per_s"] = n_seen / window
+        stats_window["steps_per_s"] = n_seen / max(cfg.optim.batch_size, 1) / window
         if dinfo.is_main:
-            improved = not math.isnan(val_loss) and val_loss < best
-            if improved:
-                best, history_best_epoch = val_loss, epoch
-            payload = {
-                "config": cfg.model_dump(mode="json"),
-                "seed": cfg.seed,
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "aux": objective.state_dict(),
-                "optimizer": [opt.state_dict() for opt in optimizers],
-                "best_val_loss": best,
-                "split": split_record,
-            }
-            save_checkpoint(out / LAST, payload)
-            if improved or val_loader is None:
-                save_checkpoint(out / BEST, payload)
-            record = {"epoch": epoch + 1, **stats, "val_loss": val_loss, "best": improved, "elapsed_s": elapsed}
+            record: dict[str, Any] = {"step": step, "epoch": step / max(per_epoch, 1), **stats_window}
+            scoring = None
+            if selector is not None and good_fs is not None:
+                t_eval = time.perf_counter()
+                ev = selector.evaluate(student)
+                record["val_loss"] = validation_loss(student, good_fs)
+                record.update(signal=ev.best_signal, recipe=ev.best.name(), eval_s=time.perf_counter() - t_eval)
+                improved = ev.best_signal > best_signal + 1e-9
+                record["best"] = improved
+                history.append({"step": step, "signal": ev.best_signal, "recipe": ev.best.name()})
+                last_eval = record
+                if improved:
+                    best_signal, best_step = ev.best_signal, step
+                    info = {"signal": ev.best_signal, "step": step, "candidates": ev.results}
+                    scoring = scoring_state(ev.best, stats, density, info)
+                    save_checkpoint(out / BEST, payload(step, scoring))
+                student.train()
+            save_checkpoint(out / LAST, payload(step, None))
+            if selector is None:
+                save_checkpoint(out / BEST, payload(step, None))
+            record["elapsed_s"] = elapsed
             _log_jsonl(out / "log.jsonl", record)
             log.info(
-                "epoch %d/%d loss %.4f val %.4f%s  %.1f img/s  %.0fs",
-                epoch + 1,
-                cfg.optim.epochs,
-                stats["loss"],
-                val_loss,
-                " *" if improved else "",
-                stats["images_per_s"],
+                "step %d/%d loss %.4f%s  %.1f img/s %.2f steps/s  %.0fs",
+                step,
+                total_steps,
+                stats_window["loss"],
+                f" signal {record['signal']:.4f} [{record['recipe']}]{' *' if record.get('best') else ''}"
+                if "signal" in record
+                else "",
+                stats_window["images_per_s"],
+                stats_window["steps_per_s"],
                 elapsed,
             )
-        stop = [cfg.optim.max_minutes is not None and elapsed > cfg.optim.max_minutes * 60]
+        sums, n_seen, t_window = {}, 0, time.perf_counter()
+        stop = [out_of_time]
         if dinfo.world_size > 1:
-            dist.broadcast_object_list(stop, src=0)  # every rank must leave the loop at the same epoch
+            dist.broadcast_object_list(stop, src=0)  # every rank must leave the loop at the same step
         if stop[0]:
-            log.info("optim.max_minutes=%.1f reached after epoch %d", cfg.optim.max_minutes, epoch + 1)
+            log.info("optim.max_minutes=%.1f reached after step %d", cfg.optim.max_minutes, step)
             break
+    bar.close()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     if dinfo.is_main and not (out / BEST).is_file() and (out / LAST).is_file():
-        # validation never ran (e.g. resumed past the end): the last checkpoint is the only candidate
         import shutil
 
-        shutil.copyfile(out / LAST, out / BEST)
+        shutil.copyfile(out / LAST, out / BEST)  # nothing was evaluated (e.g. resumed past the end)
     if dinfo.is_main:
-        log.info("done: best validation loss %.5f at epoch %d -> %s", best, history_best_epoch + 1, out / BEST)
+        train_s = time.perf_counter() - t_start
+        summary = {
+            "best_step": best_step,
+            "best_signal": best_signal if math.isfinite(best_signal) else None,
+            "steps": step,
+            "train_s": train_s,
+            "cache_s": cache_s,
+            "history": history,
+            "paper_recipe": PAPER_RECIPE.name(),
+        }
+        if (out / BEST).is_file():
+            best_ckpt = load_checkpoint(out / BEST)
+            if best_ckpt.get("scoring"):
+                summary["chosen"] = best_ckpt["scoring"]["recipe"]
+                summary["candidates"] = best_ckpt["scoring"]["info"].get("candidates", [])
+        (out / "selection.json").write_text(json.dumps(summary, indent=1))
+        log.info(
+            "done in %.0f s (+%.0f s cache): best signal %.4f at step %d -> %s",
+            train_s,
+            cache_s,
+            best_signal,
+            best_step,
+            out / BEST,
+        )
     return out / BEST
 
 
@@ -315,7 +434,7 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     out = []
     for key in sorted(set(old) | set(new)):
         path = f"{prefix}{key}"
-        if path in ("optim.epochs", "optim.max_minutes"):
+        if path in ("optim.steps", "optim.epochs", "optim.max_minutes"):
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):

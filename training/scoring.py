@@ -1,0 +1,362 @@
+"""How an RD model's features become an anomaly map and an image score: the recipe, the density head, the scorer.
+
+A **recipe** (:class:`ScoreRecipe`) says which scales count and how much, whether teacher and student features are
+compared after per-channel standardisation (training mean/std, as EfficientAD does), how the map becomes an image
+score (max, or the mean of the top 1% of pixels), and how much of a per-position Gaussian density map (PaDiM-like,
+:class:`DensityHead`) is fused in. Every choice is made by :mod:`training.selection` on synthetic defects pasted into
+held-out good images, never on the test set; the chosen recipe is stored in the checkpoint under ``"scoring"`` and
+the exported ``score`` (and ``density``) parts are built from it, so evaluation, export and runtime agree.
+
+Map (all FP32)::
+
+    rd(x)   = sum_k w_k * upsample_bilinear(1 - cos_channel(s_k(f_k), s_k(d_k)))     s_k: identity or (x - mu_k) / sd_k
+    map(x)  = blur_sigma( (1 - a) * (rd - rd_loc) / rd_scale + a * (dens - d_loc) / d_scale )
+    score   = max(map)  or  mean(top 1% of map)
+
+``rd_loc``/``rd_scale`` and ``d_loc``/``d_scale`` put both maps in units of their spread on defect-free validation
+images (median and 99th-percentile pixel), so the fusion weight ``a`` means the same on every part. With ``a = 0``
+and no normalisation this is exactly the RD paper's map.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> Tensor:
+    """Normalised 1-D Gaussian, length ``2 * int(truncate * sigma + 0.5) + 1`` (33 for sigma 4), float32."""
+    radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).to(torch.float32)
+
+
+def reflect_index(n: int, radius: int) -> Tensor:
+    """Indices that pad a length-``n`` axis by ``radius`` on both sides the way scipy's ``mode='reflect'`` does."""
+    idx = torch.arange(-radius, n + radius)
+    period = 2 * n
+    idx = torch.remainder(idx, period)
+    return torch.where(idx >= n, period - 1 - idx, idx)
+
+
+@dataclass(frozen=True)
+class ScoreRecipe:
+    """One scoring setting (a candidate of the selection, or the chosen one).
+
+    Attributes:
+        weights: weight of the stride-4, -8, -16 cosine maps.
+        standardize: compare ``(f - mu) / sd`` with ``(d - mu) / sd`` per channel (training statistics).
+        reduction: ``max`` (RD paper) or ``topk`` (mean of the top ``topk`` fraction of pixels).
+        topk: fraction of pixels averaged by ``reduction == "topk"``.
+        density_weight: ``a`` above, 0 = RD alone (no density part in the bundle).
+        rd_norm: ``(loc, scale)`` of the RD map on good validation pixels (``(0, 1)``: raw units).
+        density_norm: ``(loc, scale)`` of the density map on good validation pixels.
+    """
+
+    weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    standardize: bool = False
+    reduction: Literal["max", "topk"] = "max"
+    topk: float = 0.01
+    density_weight: float = 0.0
+    rd_norm: tuple[float, float] = (0.0, 1.0)
+    density_norm: tuple[float, float] = (0.0, 1.0)
+
+    @property
+    def uses_density(self) -> bool:
+        return self.density_weight > 0
+
+    def name(self) -> str:
+        """Short human-readable label, e.g. ``s[0,1,1] std top1% dens0.5``."""
+        w = ",".join(f"{x:g}" for x in self.weights)
+        parts = [f"s[{w}]", "std" if self.standardize else "raw"]
+        parts.append("max" if self.reduction == "max" else f"top{self.topk * 100:g}%")
+        if self.uses_density:
+            parts.append(f"dens{self.density_weight:g}")
+        return " ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["weights"], d["rd_norm"], d["density_norm"] = list(self.weights), list(self.rd_norm), list(self.density_norm)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ScoreRecipe:
+        return cls(
+            weights=tuple(float(x) for x in d["weights"]),  # type: ignore[arg-type]
+            standardize=bool(d["standardize"]),
+            reduction=d["reduction"],
+            topk=float(d["topk"]),
+            density_weight=float(d["density_weight"]),
+            rd_norm=tuple(float(x) for x in d["rd_norm"]),  # type: ignore[arg-type]
+            density_norm=tuple(float(x) for x in d["density_norm"]),  # type: ignore[arg-type]
+        )
+
+
+#: The RD paper's scoring: equal scales, raw features, max, no density.
+PAPER_RECIPE = ScoreRecipe()
+
+
+class Blur(nn.Module):
+    """Gaussian blur matching ``scipy.ndimage.gaussian_filter(sigma, truncate=4, mode='reflect')`` on ``(B,1,H,W)``."""
+
+    def __init__(self, image_size: tuple[int, int], sigma: float) -> None:
+        super().__init__()
+        k = gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1)
+        self.radius = (k.numel() - 1) // 2
+        self.register_buffer("kx", k.view(1, 1, 1, -1), persistent=False)
+        self.register_buffer("ky", k.view(1, 1, -1, 1), persistent=False)
+        self.register_buffer("pad_h", reflect_index(image_size[0], self.radius), persistent=False)
+        self.register_buffer("pad_w", reflect_index(image_size[1], self.radius), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.radius == 0:
+            return x
+        # scipy's 'reflect' border (d c b a | a b c d | d c b a) as a constant gather, then the separable blur.
+        x = x.index_select(2, self.pad_h).index_select(3, self.pad_w)
+        return F.conv2d(F.conv2d(x, self.kx), self.ky)
+
+
+class ChannelStats(nn.Module):
+    """Per-channel mean and std of the teacher features on the training images, one pair per scale.
+
+    Buffers ``mean{k}``, ``std{k}`` of shape ``(1, C_k, 1, 1)``.
+    """
+
+    def __init__(self, channels: tuple[int, int, int]) -> None:
+        super().__init__()
+        for k, c in enumerate(channels):
+            self.register_buffer(f"mean{k}", torch.zeros(1, c, 1, 1))
+            self.register_buffer(f"std{k}", torch.ones(1, c, 1, 1))
+
+    @torch.no_grad()
+    def fit(self, feats: list[Tensor]) -> ChannelStats:
+        """``feats``: per scale ``(N, C_k, h, w)`` training features."""
+        for k, f in enumerate(feats):
+            f = f.float()
+            getattr(self, f"mean{k}").copy_(f.mean(dim=(0, 2, 3), keepdim=True))
+            getattr(self, f"std{k}").copy_(f.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6))
+        return self
+
+    def apply(self, k: int, x: Tensor) -> Tensor:
+        return (x - getattr(self, f"mean{k}")) / getattr(self, f"std{k}")
+
+
+class DensityHead(nn.Module):
+    """Per-position Gaussian density of the teacher features (PaDiM, Defard et al. 2021), at stride 8.
+
+    ``x = concat(avgpool2(f1), f2, upsample2(f3))`` ``(B, c1+c2+c3, H/8, W/8)``; a PCA fitted on the training
+    features keeps ``dims`` directions (deviation from PaDiM's random channel subset: a 64-dim Gaussian per position
+    keeps the part at 4 MB at 256 px instead of 164 MB); the map is the Mahalanobis distance of each position to its
+    own mean and (shrunk) covariance.
+
+    Input ``f1 (B,c1,H/4,W/4), f2 (B,c2,H/8,W/8), f3 (B,c3,H/16,W/16)``; output ``density_map (B, 1, H/8, W/8)``.
+    """
+
+    def __init__(self, channels: tuple[int, int, int], image_size: tuple[int, int], dims: int = 64) -> None:
+        super().__init__()
+        c = sum(channels)
+        self.grid = (image_size[0] // 8, image_size[1] // 8)
+        p = self.grid[0] * self.grid[1]
+        self.dims = min(dims, c)
+        self.register_buffer("center", torch.zeros(c, 1))
+        self.register_buffer("basis", torch.eye(c)[: self.dims].clone())  # (d, C)
+        self.register_buffer("mean", torch.zeros(self.dims, p))  # (d, P)
+        self.register_buffer("chol", torch.eye(self.dims).expand(p, -1, -1).clone())  # (P, d, d), precision = L L^T
+
+    def embed(self, f1: Tensor, f2: Tensor, f3: Tensor) -> Tensor:
+        """``(B, C, P)`` stride-8 features, P = H/8 * W/8."""
+        x = torch.cat(
+            [F.avg_pool2d(f1, 2), f2, F.interpolate(f3, size=self.grid, mode="bilinear", align_corners=False)], dim=1
+        )
+        return x.flatten(2)
+
+    def forward(self, f1: Tensor, f2: Tensor, f3: Tensor) -> Tensor:
+        x = self.embed(f1, f2, f3) - self.center  # (B, C, P)
+        y = torch.matmul(self.basis, x) - self.mean  # (B, d, P)
+        z = torch.matmul(y.permute(2, 0, 1), self.chol)  # (P, B, d)
+        dist = torch.sqrt(z.pow(2).sum(dim=2).clamp_min(0.0))  # (P, B)
+        return dist.transpose(0, 1).reshape(-1, 1, *self.grid)
+
+    @torch.no_grad()
+    def fit(self, feats: list[Tensor], batch: int = 32, shrink: float = 0.01) -> DensityHead:
+        """Fit on training features (per scale ``(N, C_k, h, w)``).
+
+        Args:
+            feats: the training images' teacher features.
+            batch: images embedded at a time.
+            shrink: covariance shrinkage ``Sigma + shrink * mean_eigenvalue * I`` (PaDiM adds 0.01 I).
+        """
+        n = feats[0].shape[0]
+        emb = torch.cat(
+            [self.embed(*(f[i : i + batch].float() for f in feats)) for i in range(0, n, batch)]
+        )  # (N, C, P)
+        c = emb.shape[1]
+        flat = emb.permute(0, 2, 1).reshape(-1, c).double()
+        center = flat.mean(0)
+        cov = torch.cov((flat - center).T)
+        _, vecs = torch.linalg.eigh(cov)  # ascending
+        basis = vecs[:, -self.dims :].flip(1).T  # (d, C), largest variance first
+        y = torch.einsum("dc,ncp->ndp", basis, emb.double() - center.view(1, c, 1))  # (N, d, P)
+        mu = y.mean(0)  # (d, P)
+        yc = (y - mu).permute(2, 0, 1)  # (P, N, d)
+        sig = torch.einsum("pnd,pne->pde", yc, yc) / max(n - 1, 1)
+        eps = shrink * torch.diagonal(sig, dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
+        sig = sig + eps.view(-1, 1, 1) * torch.eye(self.dims, dtype=sig.dtype)
+        prec = torch.linalg.inv(sig)
+        prec = 0.5 * (prec + prec.transpose(1, 2))
+        chol = torch.linalg.cholesky(prec)
+        self.center.copy_(center.view(c, 1).float())
+        self.basis.copy_(basis.float())
+        self.mean.copy_(mu.float())
+        self.chol.copy_(chol.float())
+        return self
+
+
+def cosine_maps(
+    feats: list[Tensor], recon: list[Tensor], stats: ChannelStats | None, standardize: bool
+) -> list[Tensor]:
+    """Per scale ``1 - cos_channel`` maps ``(B, 1, h_k, w_k)``, after standardisation if asked."""
+    out = []
+    for k, (f, d) in enumerate(zip(feats, recon, strict=True)):
+        f, d = f.float(), d.float()
+        if standardize:
+            if stats is None:
+                raise ValueError("standardize needs channel statistics")
+            f, d = stats.apply(k, f), stats.apply(k, d)
+        out.append(1.0 - F.cosine_similarity(f, d, dim=1).unsqueeze(1))
+    return out
+
+
+def reduce_map(amap: Tensor, reduction: str, topk: float) -> Tensor:
+    """``(B, 1, H, W)`` -> ``(B,)``: max, or mean of the top ``topk`` fraction of pixels."""
+    flat = amap.flatten(1)
+    if reduction == "max":
+        return flat.amax(dim=1)
+    k = max(1, int(round(topk * flat.shape[1])))
+    return torch.topk(flat, k, dim=1).values.mean(dim=1)
+
+
+class AnomalyScorer(nn.Module):
+    """``(f1, f2, f3, d1, d2, d3)`` -> ``(anomaly_map (B, 1, H, W), score (B,))`` for a recipe without density.
+
+    Args:
+        image_size: ``(H, W)`` of the model input; maps are upsampled to it.
+        sigma: Gaussian blur sigma in pixels (RD: 4). ``0`` disables the blur.
+        recipe: the scoring setting (default: the RD paper's).
+        stats: channel statistics (needed when ``recipe.standardize``).
+    """
+
+    def __init__(
+        self,
+        image_size: tuple[int, int],
+        sigma: float = 4.0,
+        recipe: ScoreRecipe | None = None,
+        stats: ChannelStats | None = None,
+    ) -> None:
+        super().__init__()
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.sigma = float(sigma)
+        self.recipe = recipe or PAPER_RECIPE
+        if self.recipe.standardize and stats is None:
+            raise ValueError("recipe.standardize needs channel statistics")
+        self.stats = stats if self.recipe.standardize else None
+        self.blur = Blur(self.image_size, self.sigma)
+
+    def rd_map(self, f1: Tensor, f2: Tensor, f3: Tensor, d1: Tensor, d2: Tensor, d3: Tensor) -> Tensor:
+        """The weighted sum of upsampled cosine maps, normalised by ``recipe.rd_norm``, before the blur."""
+        r = self.recipe
+        maps = cosine_maps([f1, f2, f3], [d1, d2, d3], self.stats, r.standardize)
+        amap = torch.zeros(f1.shape[0], 1, *self.image_size, device=f1.device, dtype=torch.float32)
+        for w, m in zip(r.weights, maps, strict=True):
+            if w != 0:
+                amap = amap + w * F.interpolate(m, size=self.image_size, mode="bilinear", align_corners=True)
+        loc, scale = r.rd_norm
+        if (loc, scale) != (0.0, 1.0):
+            amap = (amap - loc) / scale
+        return amap
+
+    def forward(self, f1: Tensor, f2: Tensor, f3: Tensor, d1: Tensor, d2: Tensor, d3: Tensor) -> tuple[Tensor, Tensor]:
+        amap = self.blur(self.rd_map(f1, f2, f3, d1, d2, d3))
+        return amap, reduce_map(amap, self.recipe.reduction, self.recipe.topk)
+
+
+class FusedScorer(AnomalyScorer):
+    """Like :class:`AnomalyScorer` with a seventh input, ``density_map (B, 1, H/8, W/8)``, fused by the recipe."""
+
+    def forward(  # type: ignore[override]
+        self, f1: Tensor, f2: Tensor, f3: Tensor, d1: Tensor, d2: Tensor, d3: Tensor, density_map: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        r = self.recipe
+        a = r.density_weight
+        loc, scale = r.density_norm
+        dens = F.interpolate(density_map.float(), size=self.image_size, mode="bilinear", align_corners=False)
+        amap = (1.0 - a) * self.rd_map(f1, f2, f3, d1, d2, d3) + a * (dens - loc) / scale
+        amap = self.blur(amap)
+        return amap, reduce_map(amap, r.reduction, r.topk)
+
+
+@dataclass
+class Scoring:
+    """The inference-side scoring of a run: recipe, scorer, and the density head when the recipe uses one."""
+
+    recipe: ScoreRecipe
+    scorer: AnomalyScorer
+    density: DensityHead | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> Scoring:
+        self.scorer.to(device)
+        if self.density is not None:
+            self.density.to(device)
+        return self
+
+    def __call__(self, feats: list[Tensor], recon: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Teacher and student maps -> ``(anomaly_map (B,1,H,W), score (B,))``."""
+        if self.density is not None:
+            return self.scorer(*feats, *recon, self.density(*feats))
+        return self.scorer(*feats, *recon)
+
+
+def build_scoring(
+    state: dict[str, Any] | None, channels: tuple[int, int, int], image_size: tuple[int, int], sigma: float
+) -> Scoring:
+    """Rebuild the scoring stored in a checkpoint (``ckpt["scoring"]``); ``None`` -> the RD paper's scoring."""
+    if not state:
+        return Scoring(PAPER_RECIPE, AnomalyScorer(image_size, sigma))
+    recipe = ScoreRecipe.from_dict(state["recipe"])
+    stats = None
+    if recipe.standardize:
+        stats = ChannelStats(channels)
+        stats.load_state_dict(state["stats"])
+    density = None
+    if recipe.uses_density:
+        density = DensityHead(channels, image_size, int(state["density_dims"]))
+        density.load_state_dict(state["density"])
+        density.eval()
+        scorer: AnomalyScorer = FusedScorer(image_size, sigma, recipe, stats)
+    else:
+        scorer = AnomalyScorer(image_size, sigma, recipe, stats)
+    return Scoring(recipe, scorer.eval(), density, dict(state.get("info", {})))
+
+
+def scoring_state(
+    recipe: ScoreRecipe, stats: ChannelStats | None, density: DensityHead | None, info: dict[str, Any]
+) -> dict[str, Any]:
+    """What a checkpoint stores under ``"scoring"`` (plain dict of tensors and JSON-able values)."""
+    state: dict[str, Any] = {"recipe": recipe.to_dict(), "info": info}
+    if recipe.standardize and stats is not None:
+        state["stats"] = {k: v.detach().cpu() for k, v in stats.state_dict().items()}
+    if recipe.uses_density and density is not None:
+        state["density"] = {k: v.detach().cpu() for k, v in density.state_dict().items()}
+        state["density_dims"] = density.dims
+    return state
+
+
+def finite_or(x: float, default: float) -> float:
+    return x if math.isfinite(x) else default
