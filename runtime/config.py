@@ -143,6 +143,13 @@ class MqttConfig(_Strict):
     stats_interval_s: float = Field(10.0, gt=0, description="how often to publish <prefix>/<device>/stats")
     reconnect_max_s: float = Field(30.0, gt=0, description="cap of the broker reconnect backoff")
     max_inflight: int = Field(20, ge=1, le=65535, description="QoS>0 messages in flight before waiting for PUBACKs")
+    refused_probe_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="while the broker refuses a topic (failure PUBACK, e.g. 135 Not authorized), send one message "
+        "on it per this many seconds to ask again; the others go straight to the spool's dead-letter table",
+    )
 
     def resolve_password(self) -> str | None:
         """Password from ``$CREDENTIALS_DIRECTORY/<password_credential>`` first, then ``$<password_env>``."""
@@ -162,6 +169,15 @@ class SpoolConfig(_Strict):
     path: Path = Field(Path("/var/lib/rdedge/spool.sqlite3"), description="SQLite file (StateDirectory under systemd)")
     max_messages: int = Field(100_000, ge=1, description="bound on queued messages; overflow drops the oldest")
     max_age_s: float = Field(7 * 24 * 3600.0, gt=0, description="messages older than this are dropped (counted)")
+    min_free_mb: float = Field(
+        64.0,
+        ge=0,
+        le=1_000_000,
+        description="free space (MiB) to keep on the spool's file system for the OS, journald and SQLite's own "
+        "bookkeeping; the SQLite WAL's growth up to its checkpoint (~4 MiB) is set aside on top. A verdict that would "
+        "eat into it is not stored: the service exits non-zero (everything stored so far stays intact); stats "
+        "spool.verdicts_fit says how many more fit. 0: write until SQLite reports the disk full",
+    )
 
 
 class AlertsConfig(_Strict):

@@ -13,6 +13,12 @@ paho-mqtt >= 2 (``CallbackAPIVersion.VERSION2``) speaking MQTT v5. One paho netw
   (retained) after every reconnect.
 * A refused CONNACK (bad password, not authorised, ...) is logged once per streak with the broker's reason, the link
   stays "not connected" and paho retries with its capped exponential backoff (1 s .. ``reconnect_max_s``).
+* A failed connection attempt is named for what it is, once per streak: a TLS failure (wrong CA, hostname mismatch,
+  expired certificate, handshake refused) from the ``ssl`` exception paho raised, else "unreachable" with the OS
+  error. paho's per-attempt "Client is not connected" ERROR line is filtered out (it says nothing new).
+* A refused *message* (PUBACK reason code >= 0x80, e.g. 135 Not authorized from the broker's ACL) is never treated
+  as delivered: the pump moves it to the spool's dead-letter table (:meth:`Spool.dead_letter`), and the first
+  refusal per topic and streak is logged as an ERROR naming the topic and the reason.
 * Triggers: ``<prefix>/<device>/<camera>/trigger`` payloads are parsed here; a valid one goes to the service's
   callback, a malformed one gets an error reply on ``<prefix>/<device>/<camera>/error`` (and on the v5 response topic
   when the trigger named one).
@@ -23,7 +29,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sqlite3
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -121,6 +129,50 @@ def parse_trigger(payload: bytes) -> str | int:
     return tid
 
 
+class _DropNotConnectedNoise(logging.Filter):
+    """Drops paho's "Client is not connected" ERROR, which it logs on every failed reconnect attempt."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+_PAHO_LOG = logging.getLogger("runtime.mqtt.paho")
+_PAHO_LOG.addFilter(_DropNotConnectedNoise())
+
+# OpenSSL X509_V_ERR_* codes worth a plain-words hint (ssl.SSLCertVerificationError.verify_code)
+_TLS_VERIFY_HINTS = {
+    2: "the broker's certificate chain does not lead to mqtt.tls.ca_file (wrong CA?)",
+    9: "the broker's certificate is not valid yet (check the device clock)",
+    10: "the broker's certificate has expired (renew it, or check the device clock)",
+    18: "the broker's certificate is self-signed and not mqtt.tls.ca_file (wrong CA?)",
+    19: "the broker's chain has a self-signed CA other than mqtt.tls.ca_file (wrong CA?)",
+    20: "the broker's certificate was not issued by mqtt.tls.ca_file (wrong CA?)",
+    21: "the broker's certificate was not issued by mqtt.tls.ca_file (wrong CA?)",
+    62: "the broker's certificate does not name mqtt.host (hostname mismatch)",
+    64: "the broker's certificate does not name the address in mqtt.host (IP address mismatch)",
+}
+
+
+def describe_connect_error(exc: BaseException | None) -> tuple[str, str]:
+    """Classify a failed connection attempt from the exception paho raised.
+
+    Returns:
+        ``(kind, text)``: kind is ``"tls"`` (certificate verification or handshake) or ``"unreachable"`` (refused,
+        timed out, no route, DNS, or no exception known); text names the cause in plain words.
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = getattr(exc, "verify_code", None)
+        message = getattr(exc, "verify_message", None) or str(exc)
+        hint = _TLS_VERIFY_HINTS.get(code) if isinstance(code, int) else None
+        return "tls", f"TLS certificate verification failed: {message}" + (f" -- {hint}" if hint else "")
+    if isinstance(exc, ssl.SSLError):
+        reason = getattr(exc, "reason", None) or str(exc)
+        return "tls", f"TLS handshake failed: {reason} (is the client certificate accepted, the port a TLS port?)"
+    if exc is None:
+        return "unreachable", "unreachable"
+    return "unreachable", f"unreachable: {exc}"
+
+
 def _reason_text(rc: ReasonCode | MQTTErrorCode | int) -> str:
     if isinstance(rc, ReasonCode):
         return f"{rc.getName()} (reason code {rc.value})"
@@ -161,7 +213,7 @@ class MqttLink:
         self.refusals = 0  # refused CONNACKs
         self.sent = 0
         self.acked = 0
-        self.rejected = 0  # PUBACK with a failure reason: logged, removed (the broker will never take it)
+        self.rejected = 0  # PUBACK with a failure reason: moved to the spool's dead-letter table
         self.bad_triggers = 0
         self.skipped_offline = 0  # volatile messages (stats, images) not sent because offline
         self.ack_latency = LatencyTracker()  # "spool_to_ack": spool commit -> PUBACK, ms (includes outages)
@@ -171,12 +223,19 @@ class MqttLink:
         self._connected_at = 0.0
         self._refused_reason: str | None = None
         self._unreachable_logged = False
+        self._connect_error: str | None = None  # the failure logged for the current streak of failed attempts
+        self.refused_topics: dict[str, str] = {}  # topic -> broker reason, for the current streak per topic
+        self._probe_at: dict[str, float] = {}  # refused topic -> monotonic time its next message may be sent
+        self._last_refusal = -math.inf
+        self._refusal_disconnect_logged = False
         self._camera_state: dict[str, str] = {}
 
         self._lock = threading.Lock()  # guards the maps below; never held while calling paho
-        self._inflight: dict[int, tuple[int, float]] = {}  # paho mid -> (spool id, spool write time)
-        self._early: dict[int, float] = {}  # mids acknowledged before publish() returned -> monotonic time
+        self._inflight: dict[int, tuple[int, float, str]] = {}  # paho mid -> (spool id, spool write time, topic)
+        # mids acknowledged before publish() returned -> (monotonic time, failure reason or None)
+        self._early: dict[int, tuple[float, str | None]] = {}
         self._acked_ids: list[int] = []
+        self._refused_ids: list[tuple[int, str]] = []  # (spool id, reason) to move to the dead-letter table
         self._cursor = 0  # highest spool id handed to paho
         self._wake = threading.Condition()
         self._new = True
@@ -189,8 +248,8 @@ class MqttLink:
 
     def _make_client(self) -> paho.Client:
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=MQTTProtocolVersion.MQTTv5)
-        c.enable_logger(logging.getLogger("runtime.mqtt.paho"))
-        logging.getLogger("runtime.mqtt.paho").setLevel(logging.WARNING)
+        c.enable_logger(_PAHO_LOG)
+        _PAHO_LOG.setLevel(logging.WARNING)
         c.will_set(self.topics.status, "offline", qos=1, retain=True)
         if self.cfg.username is not None:
             password = self.cfg.resolve_password()
@@ -208,6 +267,9 @@ class MqttLink:
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
             c.tls_insecure_set(tls.insecure)
+            if tls.insecure:
+                log.warning("mqtt.tls.insecure is true: the broker's certificate is NOT checked against mqtt.host "
+                            "%r; any certificate from that CA is accepted (test rigs only)", self.cfg.host)  # fmt: skip
         c.reconnect_delay_set(min_delay=1, max_delay=max(1, math.ceil(self.cfg.reconnect_max_s)))
         c.max_inflight_messages_set(self.cfg.max_inflight)
         c.max_queued_messages_set(0)
@@ -260,6 +322,7 @@ class MqttLink:
             log.info("MQTT broker %s:%d accepted the connection again", self.cfg.host, self.cfg.port)
         self._refused_reason = None
         self._unreachable_logged = False
+        self._connect_error = None
         if self._ever_connected:
             self.reconnects += 1
         self._ever_connected = True
@@ -274,10 +337,16 @@ class MqttLink:
         self._notify()
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
-        if not self._unreachable_logged:
-            log.warning("MQTT broker %s:%d unreachable; retrying with backoff up to %d s (results are spooled)",
-                        self.cfg.host, self.cfg.port, max(1, math.ceil(self.cfg.reconnect_max_s)))  # fmt: skip
-            self._unreachable_logged = True
+        # paho calls this from inside its ``except OSError`` around reconnect(): the exception is still current
+        kind, text = describe_connect_error(sys.exc_info()[1])
+        if text == self._connect_error:
+            log.debug("MQTT connection attempt failed again: %s", text)
+            return
+        self._connect_error = text
+        self._unreachable_logged = True
+        level = logging.ERROR if kind == "tls" else logging.WARNING
+        log.log(level, "MQTT broker %s:%d %s; retrying with backoff up to %d s (results are spooled)",
+                self.cfg.host, self.cfg.port, text, max(1, math.ceil(self.cfg.reconnect_max_s)))  # fmt: skip
 
     def _on_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, properties: Properties | None
@@ -285,6 +354,15 @@ class MqttLink:
         was = self._connected.is_set()
         self._connected.clear()
         if was and not self._stop.is_set():
+            self._connect_error = None
+            if time.monotonic() - self._last_refusal < 2.0:
+                # mosquitto 2.0.11 (Debian 12 / Ubuntu 22.04) closes the connection right after a refusing PUBACK
+                if not self._refusal_disconnect_logged:
+                    log.warning("MQTT broker closed the connection after refusing a message (%s); reconnecting. "
+                                "Messages on refused topics are held back meanwhile (one probe every %g s)",
+                                _reason_text(rc), self.cfg.refused_probe_s)  # fmt: skip
+                    self._refusal_disconnect_logged = True
+                return
             log.warning("MQTT disconnected: %s; spooling until reconnected (depth %d)", _reason_text(rc),
                         self.spool.depth)  # fmt: skip
             self._unreachable_logged = True
@@ -292,18 +370,40 @@ class MqttLink:
     def _on_publish(
         self, client: paho.Client, userdata: Any, mid: int, rc: ReasonCode, properties: Properties | None
     ) -> None:
+        reason = _reason_text(rc) if rc.is_failure else None
         with self._lock:
             entry = self._inflight.pop(mid, None)
-            if entry is None:
-                self._early[mid] = time.monotonic()
+            if entry is None:  # acknowledged before publish() returned: _hand_over settles it
+                self._early[mid] = (time.monotonic(), reason)
                 return
-            sid, created = entry
-            self.ack_latency.record({"spool_to_ack": (time.time() - created) * 1e3})
-            if rc.is_failure:
-                self.rejected += 1
-                log.error("broker rejected spooled message %d: %s (dropped from the spool)", sid, _reason_text(rc))
-            self._acked_ids.append(sid)
+        self._settle_one(*entry, reason)
         self._notify()
+
+    def _settle_one(self, sid: int, created: float, topic: str, reason: str | None) -> None:
+        """Book one broker answer: ``reason`` None = delivered (delete), else refused (dead-letter, log once)."""
+        with self._lock:
+            if reason is not None:
+                self.rejected += 1
+                self._refused_ids.append((sid, reason))
+                first = self.refused_topics.get(topic) != reason
+                self.refused_topics[topic] = reason
+                self._last_refusal = time.monotonic()
+                self._probe_at[topic] = self._last_refusal + self.cfg.refused_probe_s
+                again = False
+            else:
+                self.ack_latency.record({"spool_to_ack": (time.time() - created) * 1e3})
+                self._acked_ids.append(sid)
+                first = False
+                again = self.refused_topics.pop(topic, None) is not None
+                self._probe_at.pop(topic, None)
+                if not self.refused_topics:
+                    self._refusal_disconnect_logged = False
+        if first:
+            log.error("MQTT broker %s:%d REFUSES messages on %s: %s -- they are kept in the spool's dead-letter "
+                      "table (%s); fix the broker's ACL for this device, then run 'rdedge spool replay-dead "
+                      "--config CFG'", self.cfg.host, self.cfg.port, topic, reason, self.spool.path)  # fmt: skip
+        elif again:
+            log.info("MQTT broker accepts messages on %s again", topic)
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         camera = next((c for c in self.triggered if msg.topic == self.topics.trigger(c)), None)
@@ -399,11 +499,11 @@ class MqttLink:
                 self._new = False
             with self._lock:
                 acked, self._acked_ids = self._acked_ids, []
+                refused, self._refused_ids = self._refused_ids, []
                 now = time.monotonic()
-                for mid in [m for m, t in self._early.items() if now - t > 10.0]:
+                for mid in [m for m, (t, _r) in self._early.items() if now - t > 10.0]:
                     del self._early[mid]
-            if acked:
-                self.acked += self.spool.ack(acked)
+            self._settle(acked, refused)
             if self._stop.is_set():
                 return
             if not self.connected:
@@ -414,9 +514,49 @@ class MqttLink:
             room = self.cfg.max_inflight - len(self._inflight)
             if room <= 0:
                 continue
+            held: list[tuple[int, str]] = []
             for item in self.spool.pending(after_id=self._cursor, limit=room):
+                if self._hold_back(item, held):
+                    continue
                 if not self._hand_over(item):
                     break
+            if held:
+                self._settle([], held)
+
+    def _hold_back(self, item: SpoolItem, held: list[tuple[int, str]]) -> bool:
+        """Whether ``item`` goes straight to the dead-letter table because the broker refuses its topic.
+
+        While a topic is refused, only one message per ``refused_probe_s`` is sent to ask the broker again (some
+        brokers drop the connection after every refusal: sending each would starve every other topic); the rest
+        are dead-lettered with the broker's last reason. The first accepted probe ends the hold.
+        """
+        with self._lock:
+            reason = self.refused_topics.get(item.topic)
+            if reason is None:
+                return False
+            now = time.monotonic()
+            if now >= self._probe_at.get(item.topic, 0.0):
+                self._probe_at[item.topic] = now + self.cfg.refused_probe_s
+                return False  # this one is the probe
+            self._cursor = max(self._cursor, item.id)
+        held.append((item.id, f"{reason}; held back, not sent (topic refused)"))
+        return True
+
+    def _settle(self, acked: list[int], refused: list[tuple[int, str]]) -> None:
+        """Delete acknowledged rows and dead-letter refused ones; on a spool error keep them for the next round."""
+        try:
+            if acked:
+                self.acked += self.spool.ack(acked)
+                acked = []
+            if refused:
+                self.spool.dead_letter(refused)
+                refused = []
+        except sqlite3.Error as exc:  # e.g. disk full: the pump must survive; rows stay, at worst sent twice
+            log.error("spool: cannot record %d acknowledgement(s) / %d refusal(s): %s", len(acked), len(refused), exc)
+            with self._lock:
+                self._acked_ids[:0] = acked
+                self._refused_ids[:0] = refused
+            time.sleep(0.5)
 
     def _hand_over(self, item: SpoolItem) -> bool:
         props = None
@@ -430,11 +570,12 @@ class MqttLink:
             log.debug("publish of spooled message %d deferred: %s", item.id, paho.error_string(info.rc))
             return False
         with self._lock:
-            if self._early.pop(info.mid, None) is not None:
-                self._acked_ids.append(item.id)
-            else:
-                self._inflight[info.mid] = (item.id, item.created)
+            early = self._early.pop(info.mid, None)
+            if early is None:
+                self._inflight[info.mid] = (item.id, item.created, item.topic)
             self._cursor = max(self._cursor, item.id)
+        if early is not None:
+            self._settle_one(item.id, item.created, item.topic, early[1])
         self.sent += 1
         return True
 
@@ -443,6 +584,7 @@ class MqttLink:
     def flush(self, timeout: float) -> bool:
         """Wait until the spool is empty (every message acknowledged) or ``timeout`` seconds pass."""
         deadline = time.monotonic() + timeout
+        self.spool.refresh()
         while time.monotonic() < deadline:
             if self.spool.depth == 0:
                 return True
@@ -469,10 +611,15 @@ class MqttLink:
         if self._pump_thread is not None:
             self._pump_thread.join(timeout=2)
         # paho's network thread logs a spurious "Client is not connected" error while winding down
-        logging.getLogger("runtime.mqtt.paho").setLevel(logging.CRITICAL)
+        _PAHO_LOG.setLevel(logging.CRITICAL)
         self.client.disconnect()
         self.client.loop_stop()
         self._connected.clear()
         with self._lock:
             acked, self._acked_ids = self._acked_ids, []
-        self.acked += self.spool.ack(acked)
+            refused, self._refused_ids = self._refused_ids, []
+        try:
+            self.acked += self.spool.ack(acked)
+            self.spool.dead_letter(refused)
+        except sqlite3.Error as exc:
+            log.error("spool: cannot record the last acknowledgements at exit: %s (sent again next start)", exc)
