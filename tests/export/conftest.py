@@ -15,30 +15,35 @@ import pytest
 IMAGE_SIZE = 64
 
 
-def build_tiny_run(base: Path) -> tuple[Path, Path]:
-    """``(run_dir, category)``: train once per session (cached under ``base``)."""
+def build_tiny_run(base: Path, density: bool = False) -> tuple[Path, Path]:
+    """``(run_dir, category)``: train once per session (cached under ``base``).
+
+    ``density=False`` keeps the plain five-part chain (no density candidates); ``density=True`` pins a fused recipe
+    (density weight 0.5) so the bundle has the ``density`` part.
+    """
     import torch
 
     from training.config import load_train_config
     from training.demo_data import make_demo_data
     from training.train import fit
 
-    run, data = base / "tiny_run", base / "tiny_data"
+    run, data = base / ("tiny_run_density" if density else "tiny_run"), base / "tiny_data"
     category = data / "synthetic"
     if not (run / "checkpoint_best.pt").is_file():
         torch.set_num_threads(2)
-        make_demo_data(data, n_train=16, n_test_good=4, n_test_defect=2, size=IMAGE_SIZE, seed=0)
-        cfg = load_train_config(
-            None,
-            {
-                "model.backbone": "efficientnet_lite0",
-                "optim.epochs": 1,
-                "optim.batch_size": 8,
-                "data.image_size": IMAGE_SIZE,
-                "data.val_fraction": 0.25,
-            },
-        )
-        fit(cfg, category, run, show_progress=False)
+        if not category.is_dir():
+            make_demo_data(data, n_train=16, n_test_good=4, n_test_defect=2, size=IMAGE_SIZE, seed=0)
+        overrides = {
+            "model.backbone": "efficientnet_lite0",
+            "optim.epochs": 1,
+            "optim.batch_size": 8,
+            "data.image_size": IMAGE_SIZE,
+            "data.val_fraction": 0.25,
+            "selection.density": density,
+        }
+        if density:
+            overrides["selection.pin.density_weight"] = 0.5
+        fit(load_train_config(None, overrides), category, run, show_progress=False)
     return run, category
 
 
@@ -51,6 +56,23 @@ def build_tiny_bundle(base: Path) -> Path:
     if not (out / "manifest.json").is_file():
         export_bundle(ExportOptions(run=run, out=out, fused=True, precision="fp16"))
     return out
+
+
+def build_density_bundle(base: Path) -> Path:
+    """The exported bundle of the density-fused tiny run (fused graph, FP16 copies), cached under ``base``."""
+    from export.pipeline import ExportOptions, export_bundle
+
+    run, _ = build_tiny_run(base, density=True)
+    out = base / "tiny_export_density" / "bundle"
+    if not (out / "manifest.json").is_file():
+        export_bundle(ExportOptions(run=run, out=out, fused=True, precision="fp16"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def density_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Bundle whose scoring fuses the density head (parts ... decoder, density, score). Read-only."""
+    return build_density_bundle(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="session")

@@ -78,3 +78,9 @@ def test_engine_spec_passes_the_runtime_check_only_on_its_own_device(exported_bu
         check_engine_compat(spec, m, "10.13.0", "Orin")
     with pytest.raises(BundleError, match="built for GPU"):
         check_engine_compat(spec, m, "10.3.0.30", "NVIDIA H100")
+
+
+@pytest.mark.parametrize("version", ["10.3.0", "10.13.0"])
+def test_density_part_is_always_fp32(version: str) -> None:
+    plan = decide_precision(version, "density", "fp16")
+    assert plan.engine_precision == "fp32" and plan.onnx_variant == "fp32" and not plan.fp16_flag
