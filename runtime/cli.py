@@ -1,4 +1,4 @@
-"""Runtime verbs: ``run``, ``check-config``, ``bench``. No torch here.
+"""Runtime verbs: ``run``, ``check-config``, ``bench``, ``spool``. No torch here.
 
 Also runnable without the training/export packages: ``python -m runtime.cli run --config FILE``.
 """
@@ -11,8 +11,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runtime.errors import ConfigError, RdedgeError
+
+if TYPE_CHECKING:
+    from runtime.config import RuntimeConfig
+    from runtime.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +35,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def check_config(path: str | Path, strict: bool = False) -> tuple[list[str], list[str]]:
     """Validate a config file.
 
+    With ``strict`` the bundle is also loaded and verified exactly as ``rdedge run`` does it
+    (:class:`~runtime.engine.AnomalyModel`: manifest parsed and validated, every file's sha256 checked, the configured
+    backend created, one warm-up inference), read-only, so a truncated manifest or a tampered ONNX file fails here
+    and not at the first start on the line.
+
     Returns:
         ``(errors, warnings)``: schema errors (one line each, with the field path and value) and environment
-        findings (bundle directory / manifest missing, TLS files missing). With ``strict`` the findings are errors.
+        findings (bundle directory / manifest missing, TLS files missing). With ``strict`` the findings are errors,
+        plus the bundle's load error (naming the file) when it does not load.
     """
     from runtime.config import load_config
 
@@ -53,8 +64,29 @@ def check_config(path: str | Path, strict: bool = False) -> tuple[list[str], lis
         if src.kind in ("folder", "video") and not src.path.exists():
             findings.append(f"{path}: cameras.{i}.source.path: not found (got {str(src.path)!r})")
     if strict:
+        if not findings:
+            findings.extend(_load_bundle_errors(path, cfg))
         return findings, []
     return [], findings
+
+
+def _load_bundle_errors(path: str | Path, cfg: RuntimeConfig) -> list[str]:
+    """Load the bundle the way ``run`` does (``AnomalyModel(verify=True)`` + one warm-up); errors as lines."""
+    from runtime.engine import AnomalyModel
+
+    try:
+        model = AnomalyModel(cfg.bundle, cfg.backend, verify=True, threshold=cfg.threshold)
+    except RdedgeError as exc:  # BundleError names the file; MissingExtraError names the extra
+        return [f"{path}: bundle: {exc}"]
+    except Exception as exc:  # noqa: BLE001 - a backend that cannot parse a part raises its own types
+        return [f"{path}: bundle: {cfg.bundle}: cannot load with backend {cfg.backend.kind}: {exc}"]
+    try:
+        model.warmup(1)
+    except Exception as exc:  # noqa: BLE001
+        return [f"{path}: bundle: {cfg.bundle}: warm-up inference failed: {exc}"]
+    finally:
+        model.close()
+    return []
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -90,6 +122,54 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_spool(config: Path) -> tuple[Path, Spool]:
+    from runtime.config import load_config
+    from runtime.spool import Spool
+
+    cfg = load_config(config)
+    path = cfg.spool.path
+    if not path.is_file():
+        raise RdedgeError(f"spool {path}: not found (spool.path in {config}; the service creates it on first run)")
+    try:
+        return path, Spool(path, cfg.spool.max_messages, cfg.spool.max_age_s)
+    except Exception as exc:
+        raise RdedgeError(f"spool {path}: cannot open: {exc}") from None
+
+
+def _cmd_spool_status(args: argparse.Namespace) -> int:
+    path, spool = _open_spool(args.config)
+    try:
+        cap = spool.capacity()
+        doc = {
+            "spool": str(path),
+            "pending": spool.depth,
+            "dead_letter": spool.dead,
+            "dropped_total": spool.dropped_total,
+            "next_seq": spool.peek_seq(),
+            "free_bytes": cap.free_bytes,
+            "refused": [{"topic": t, "reason": r, "count": n} for t, r, n in spool.dead_letter_summary()],
+        }
+    finally:
+        spool.close()
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
+def _cmd_spool_replay_dead(args: argparse.Namespace) -> int:
+    path, spool = _open_spool(args.config)
+    try:
+        summary = spool.dead_letter_summary()
+        n = spool.replay_dead(topic=args.topic)
+    finally:
+        spool.close()
+    for topic, reason, count in summary:
+        if args.topic is None or topic == args.topic:
+            print(f"{count} message(s) on {topic} (refused: {reason})")
+    print(f"{path}: {n} dead letter(s) moved back to the outbox; a running service sends them within a second, "
+          "otherwise the next 'rdedge run' does")  # fmt: skip
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the runtime verbs to the ``rdedge`` parser."""
     p = sub.add_parser("run", help="run the inspection service (cameras -> model -> MQTT)")
@@ -103,7 +183,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "are warnings, or errors with --strict (use --strict on the target box, plain on a build machine).",
     )
     p.add_argument("file", type=Path, help="runtime config YAML")
-    p.add_argument("--strict", action="store_true", help="treat missing bundle / TLS / source files as errors")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="treat missing bundle / TLS / source files as errors, and load + verify the bundle as 'run' does "
+        "(manifest, sha256 of every file, backend, one warm-up inference)",
+    )
     p.set_defaults(func=_cmd_check_config)
 
     p = sub.add_parser("bench", help="benchmark a bundle: per-stage p50/p99 latency, frames/s, cold start, RSS")
@@ -116,6 +201,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fused", action="store_true", help="run the fused model.onnx instead of the chain")
     p.add_argument("--image", type=Path, default=None, help="frame to feed (default: synthetic 1280x720)")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser(
+        "spool",
+        help="inspect the verdict spool; replay messages the broker refused (dead letters)",
+        description="The spool (spool.path) holds verdicts not yet acknowledged by the broker, and the dead-letter "
+        "table: messages the broker refused with a failure PUBACK (e.g. 135 Not authorized: its ACL denies the "
+        "topic). Safe to run while the service runs.",
+    )
+    spool_sub = p.add_subparsers(dest="spool_verb", metavar="SPOOL_VERB", required=True)
+    q = spool_sub.add_parser("status", help="print pending / dead-letter counts and the refused topics as JSON")
+    q.add_argument("--config", required=True, type=Path, help="runtime config YAML (its spool.path is used)")
+    q.set_defaults(func=_cmd_spool_status)
+    q = spool_sub.add_parser(
+        "replay-dead",
+        help="move dead letters back to the outbox (after fixing the broker's ACL)",
+        description="Moves every dead letter (or those of --topic) back to the end of the outbox, oldest first, "
+        "keeping seq, topic and payload. A running service publishes them within a second; a stopped one on its "
+        "next start. If the broker still refuses them they return to the dead-letter table.",
+    )
+    q.add_argument("--config", required=True, type=Path, help="runtime config YAML (its spool.path is used)")
+    q.add_argument("--topic", default=None, help="replay only messages for this exact topic")
+    q.set_defaults(func=_cmd_spool_replay_dead)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,13 +33,14 @@ from runtime.engine import AnomalyModel, Prediction
 from runtime.errors import RdedgeError
 from runtime.health import LatencyTracker, Watchdog, sd_notify
 from runtime.mqtt import MqttLink, TriggerRequest
-from runtime.spool import OutMessage, Spool
+from runtime.spool import OutMessage, Spool, SpoolFullError
 
 log = logging.getLogger(__name__)
 
 STOP_FLUSH_S = 2.0
 END_FLUSH_S = 10.0
 TRIGGER_QUEUE_MAX = 64
+LOW_CAPACITY_VERDICTS = 1000  # warn (once per streak) when the spool has room for fewer verdicts than this
 
 
 @dataclass
@@ -51,6 +52,8 @@ class _CamState:
     ng: int = 0
     errors: int = 0
     triggers: collections.deque[TriggerRequest] = field(default_factory=collections.deque)
+    serving: int = 0  # 1 while a trigger of this camera waits for its fresh frame
+    triggers_refused: int = 0  # error replies because the queue was full
 
 
 def _json(doc: dict[str, Any]) -> bytes:
@@ -80,6 +83,7 @@ class Service:
         self._saved: collections.deque[Path] = collections.deque()
         self._stats_thread: threading.Thread | None = None
         self._fps_mark = (self.started, 0)
+        self._low_capacity_warned = False
 
     # -- start-up ----------------------------------------------------------------------------------------------------
 
@@ -93,7 +97,8 @@ class Service:
                  self.model.model_id, self.model.threshold)  # fmt: skip
         if cfg.mqtt is not None:
             try:
-                self.spool = Spool(cfg.spool.path, cfg.spool.max_messages, cfg.spool.max_age_s)
+                self.spool = Spool(cfg.spool.path, cfg.spool.max_messages, cfg.spool.max_age_s,
+                                   min_free_bytes=int(cfg.spool.min_free_mb * 2**20))  # fmt: skip
             except (sqlite3.Error, OSError) as exc:
                 raise RdedgeError(f"spool {cfg.spool.path}: cannot open: {exc}") from None
             triggered = [c.name for c in cfg.cameras if c.mode == "triggered"]
@@ -111,15 +116,27 @@ class Service:
         self.watchdog.start()
         self._stats_thread = threading.Thread(target=self._stats_loop, name="stats", daemon=True)
         self._stats_thread.start()
-        if all(c.mode == "triggered" for c in cfg.cameras):
-            self._mark_ready()  # nothing is scored before the first trigger; the warm-up frame was scored
+        # READY means "up and will score when frames come": the model is loaded and warmed up (one real inference),
+        # the spool is open and MQTT connects in the background. It must not wait for a frame: with a camera that is
+        # absent at start systemd would otherwise kill the unit after TimeoutStartSec and restart it in a loop.
+        self._mark_ready()
 
     def _mark_ready(self) -> None:
         if self._ready:
             return
         self._ready = True
-        sd_notify("READY=1", f"STATUS=scoring {len(self.cams)} camera(s)")
-        log.info("ready: first verdict %.2f s after start", time.monotonic() - self.started)
+        sd_notify("READY=1", f"STATUS={self._status_line()}")
+        log.info("ready %.2f s after start: %s", time.monotonic() - self.started, self._status_line())
+
+    def _status_line(self) -> str:
+        """One line for systemd's STATUS=: cameras and their states, spool depth and dead letters."""
+        cams = ", ".join(f"{n} {st.grabber.state}" for n, st in self.cams.items())
+        line = f"{self.frames_scored} frame(s) scored; cameras: {cams}"
+        if self.spool is not None:
+            line += f"; spool {self.spool.depth} pending"
+            if self.spool.dead:
+                line += f", {self.spool.dead} REFUSED by the broker (rdedge spool replay-dead)"
+        return line
 
     def _on_camera_state(self, camera: str, state: str) -> None:
         if self.link is not None:
@@ -131,6 +148,7 @@ class Service:
             return
         with self._trigger_lock:
             if len(st.triggers) >= TRIGGER_QUEUE_MAX:
+                st.triggers_refused += 1
                 if self.link is not None:
                     self.link.publish_error(req.camera, f"trigger queue full ({TRIGGER_QUEUE_MAX})", req.id,
                                             req.response_topic, req.correlation)  # fmt: skip
@@ -177,8 +195,17 @@ class Service:
     def _serve_trigger(self, st: _CamState) -> bool:
         with self._trigger_lock:
             req = st.triggers.popleft() if st.triggers else None
+            if req is not None:
+                st.serving = 1
         if req is None:
             return False
+        try:
+            self._serve_one(st, req)
+        finally:
+            st.serving = 0
+        return True
+
+    def _serve_one(self, st: _CamState, req: TriggerRequest) -> None:
         wall_at_trigger = time.time() - (time.monotonic() - req.received)
         deadline = time.monotonic() + st.cfg.no_frame_timeout_s
         while not self.stop.is_set() and time.monotonic() < deadline:
@@ -191,7 +218,7 @@ class Service:
             st.last_seq = frame.seq
             if frame.timestamp >= wall_at_trigger:  # grabbed after the trigger arrived: fresh
                 self._score(st, frame, req)
-                return True
+                return
         if self.stop.is_set():
             why = "runtime shutting down"
         elif st.grabber.state == "ended":
@@ -201,7 +228,6 @@ class Service:
         log.warning("camera %s: trigger %r not served: %s", st.cfg.name, req.id, why)
         if self.link is not None:
             self.link.publish_error(st.cfg.name, why, req.id, req.response_topic, req.correlation)
-        return True
 
     def _score(self, st: _CamState, frame: Frame, trigger: TriggerRequest | None) -> None:
         assert self.model is not None
@@ -230,8 +256,8 @@ class Service:
         if jpeg is not None and self.link is not None:
             self.link.publish_volatile(self.link.topics.alert_image(st.cfg.name), jpeg, qos=0)
         log.debug("camera %s seq %d: %s score %.5f", st.cfg.name, seq, "NG" if pred.is_ng else "OK", pred.score)
-        if not self._ready:
-            self._mark_ready()
+        if st.scored == 1:
+            log.info("camera %s: first verdict %.2f s after start", st.cfg.name, time.monotonic() - self.started)
 
     def _overlay(self, st: _CamState, frame: Frame, pred: Prediction) -> tuple[str | None, bytes | None]:
         alerts = self.cfg.alerts
@@ -311,8 +337,14 @@ class Service:
 
         try:
             seq, _items = link.enqueue(build)
-        except sqlite3.Error as exc:  # disk full, read-only, corrupt: exit non-zero, systemd restarts us
-            raise RdedgeError(f"spool {self.cfg.spool.path}: cannot store a verdict: {exc}") from exc
+        except sqlite3.Error as exc:  # reserve reached, disk full, read-only, corrupt: exit non-zero
+            what = "spool full" if isinstance(exc, SpoolFullError) else "cannot store a verdict"
+            stored = link.spool.depth + link.spool.dead
+            raise RdedgeError(
+                f"spool {self.cfg.spool.path}: {what}: {exc}; the {stored} message(s) already stored are intact "
+                f"(last seq {link.spool.peek_seq() - 1}) and are delivered once space is freed and the service runs "
+                "again"
+            ) from exc
         return seq
 
     # -- stats ---------------------------------------------------------------------------------------------------------
@@ -323,7 +355,16 @@ class Service:
         dt = now - self._fps_mark[0]
         fps = (self.frames_scored - self._fps_mark[1]) / dt if dt > 0 else 0.0
         self._fps_mark = (now, self.frames_scored)
-        cams = {n: {**st.grabber.stats(), "scored": st.scored, "ng": st.ng} for n, st in self.cams.items()}
+        cams: dict[str, dict[str, Any]] = {
+            n: {**st.grabber.stats(), "scored": st.scored, "ng": st.ng} for n, st in self.cams.items()
+        }
+        with self._trigger_lock:
+            for n, st in self.cams.items():
+                if st.cfg.mode == "triggered":
+                    cams[n]["triggers_in_flight"] = len(st.triggers) + st.serving
+                    cams[n]["triggers_refused"] = st.triggers_refused
+            in_flight = sum(len(st.triggers) + st.serving for st in self.cams.values())
+            refused = sum(st.triggers_refused for st in self.cams.values())
         doc: dict[str, Any] = {
             "device": self.cfg.mqtt.device_id if self.cfg.mqtt else "rdedge",
             "ts": round(time.time(), 3),
@@ -336,13 +377,18 @@ class Service:
             "frames_dropped": sum(st.grabber.frames_dropped for st in self.cams.values()),
             "latency_ms": {**self.tracker.percentiles(), **(self.link.ack_latency.percentiles() if self.link else {})},
             "cameras": cams,
+            "triggers": {"in_flight": in_flight, "queue_max": TRIGGER_QUEUE_MAX, "refused_queue_full": refused},
         }
         if self.spool is not None:
+            cap = self.spool.capacity()
             doc["spool"] = {"depth": self.spool.depth, "dropped": self.spool.dropped,
-                            "dropped_total": self.spool.dropped_total}  # fmt: skip
+                            "dropped_total": self.spool.dropped_total, "dead_letter": self.spool.dead,
+                            "free_bytes": cap.free_bytes, "reserve_bytes": cap.reserve_bytes,
+                            "verdict_bytes": cap.verdict_bytes, "verdicts_fit": cap.verdicts_fit}  # fmt: skip
         if self.link is not None:
             doc["mqtt"] = {"connected": self.link.connected, "reconnects": self.link.reconnects,
                            "refusals": self.link.refusals, "inflight": self.link.inflight,
+                           "rejected": self.link.rejected, "refused_topics": dict(self.link.refused_topics),
                            "bad_triggers": self.link.bad_triggers,
                            "skipped_offline": self.link.skipped_offline}  # fmt: skip
         return doc
@@ -353,14 +399,26 @@ class Service:
         interval = self.cfg.mqtt.stats_interval_s
         while not self.stop.wait(interval):
             try:
-                doc = self.stats()
                 if self.spool is not None:
                     self.spool.expire()
+                doc = self.stats()
+                self._check_capacity(doc.get("spool"))
                 if self.link is not None:
                     self.link.publish_volatile(self.link.topics.stats, _json(doc), qos=0)
-                sd_notify(f"STATUS={doc['frames_scored']} frames, {doc['fps']} fps, spool {doc.get('spool', {})}")
+                sd_notify(f"STATUS={self._status_line()}; {doc['fps']} fps")
             except Exception:  # stats must never take the service down
                 log.exception("stats failed")
+
+    def _check_capacity(self, spool: dict[str, Any] | None) -> None:
+        """Warn once per streak when the spool has room for fewer than LOW_CAPACITY_VERDICTS more verdicts."""
+        if spool is None or self.spool is None or self.spool.min_free_bytes <= 0:
+            return
+        low = spool["verdicts_fit"] < LOW_CAPACITY_VERDICTS
+        if low and not self._low_capacity_warned:
+            log.warning("spool %s: room for only ~%d more verdict(s) above the %d-byte reserve (%d bytes free on its "
+                        "file system); the service stops when it is full", self.cfg.spool.path,
+                        spool["verdicts_fit"], spool["reserve_bytes"], spool["free_bytes"])  # fmt: skip
+        self._low_capacity_warned = low
 
     # -- shutdown ------------------------------------------------------------------------------------------------------
 
@@ -379,10 +437,10 @@ class Service:
         if self._stats_thread is not None:
             self._stats_thread.join(timeout=1)
         if self.spool is not None:
-            log.info("summary: %d frame(s) scored (%d NG, %d unscorable) in %.1f s; spool depth %d, dropped %d; "
-                     "%d reconnect(s)", self.frames_scored, self.frames_ng, self.frame_errors,
-                     time.monotonic() - self.started, self.spool.depth, self.spool.dropped,
-                     self.link.reconnects if self.link else 0)  # fmt: skip
+            log.info("summary: %d frame(s) scored (%d NG, %d unscorable) in %.1f s; spool depth %d, dropped %d, "
+                     "refused by the broker %d; %d reconnect(s)", self.frames_scored, self.frames_ng,
+                     self.frame_errors, time.monotonic() - self.started, self.spool.depth, self.spool.dropped,
+                     self.spool.dead, self.link.reconnects if self.link else 0)  # fmt: skip
             self.spool.close()
         else:
             log.info("summary: %d frame(s) scored (%d NG, %d unscorable) in %.1f s", self.frames_scored,
