@@ -131,6 +131,8 @@ class AuxObjective(Objective):
     def loss(self, student: nn.Module, feats: list[Tensor], images: Tensor) -> tuple[Tensor, dict[str, float]]:
         proj, recon = self.tap.run(student, feats)
         kd = flattened_cosine_loss(feats, recon)
+        if self.weight == 0:  # the control: the same trainable heads, trained by the KD loss alone
+            return kd, {"kd": float(kd.detach()), "align": 0.0}
         with torch.no_grad():
             target = self.aux(self.renorm(images))
         align = flattened_cosine_loss(
