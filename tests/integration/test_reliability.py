@@ -204,7 +204,6 @@ def test_trigger_flood_in_flight_count_in_stats(
     last = json.loads(col.on("t/dev1/stats")[-1])
     assert last["triggers"]["refused_queue_full"] == len(full)
     assert last["cameras"]["cam1"]["triggers_in_flight"] == 0
-    assert sorted(d["trigger_id"] for d in results(col)) + sorted(e["id"] for e in full) != []
     assert {d["trigger_id"] for d in results(col)} | {e["id"] for e in full} == set(range(n))
     rt.signal(signal.SIGTERM)
     assert rt.wait(10) == 0
