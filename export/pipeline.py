@@ -266,6 +266,7 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
             if stored
             else "fixed: the RD paper's scoring (no validation split)",
             **({"scoring.signal": float(scoring.info["signal"])} if "signal" in scoring.info else {}),
+            **({"scoring.candidates": len(scoring.info["candidates"])} if "candidates" in scoring.info else {}),
             "parity_tolerance_part_rel": opts.parity_tol,
             "parity_tolerance_score_rel": opts.score_tol,
         }

@@ -139,7 +139,7 @@ def from_unit_rgb(x: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]
 def _batches(n: int, batch: int, seed: int, epoch: int, rank: int, world: int) -> list[Tensor]:
     """The index batches of one epoch: a seeded permutation (the same on resume), this rank's share."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    perm = perm[rank::world]
+    perm = perm[: n - n % world][rank::world]  # equal shares: every rank runs the same number of steps
     drop_last = len(perm) > batch
     stop = len(perm) - len(perm) % batch if drop_last else len(perm)
     return [perm[i : i + batch] for i in range(0, stop, batch)]
