@@ -341,7 +341,7 @@ def fit(
         bar.set_postfix(
             loss=f"{sums['loss'] / n_seen:.4f}",
             img_s=f"{n_seen / window:.0f}",
-            signal=f"{last_eval.get('signal', float('nan')):.3f}",
+            signal=f"{last_eval['signal']:.3f}" if "signal" in last_eval else "-",
         )
         due = step % cfg.selection.every_steps == 0 or step == total_steps
         elapsed = time.perf_counter() - t_start
