@@ -11,6 +11,8 @@ A bundle is a directory::
     score.onnx           f1, f2, f3, d1, d2, d3 [, density_map] -> anomaly_map (B,1,H,W), score (B,)   (FP32)
     model.onnx           optional fused graph image -> anomaly_map, score
     engines/*.engine     optional TensorRT engines, keyed by TensorRT version, GPU name and ONNX sha256
+    calib.npy            optional: a few calibration frames, uint8 BGR (N, H, W, 3), with their scores in the manifest
+    manifest.sig         optional ed25519 signature over manifest.json's bytes (``runtime.signing``)
 
 Parts run in ``chain`` order; each part reads its inputs by name from the tensors produced so far, so the runtime
 can keep every intermediate tensor on the device. Export writes ``manifest.json`` through :func:`write_manifest`.
@@ -21,12 +23,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from runtime.errors import BundleError
+
+if TYPE_CHECKING:
+    from runtime.signing import PublicKey
 
 SCHEMA_VERSION: Final = 1
 MANIFEST_NAME = "manifest.json"
@@ -103,6 +109,18 @@ class ThresholdSpec(_Strict):
     f1_optimal: dict[str, float] | None = Field(None, description="threshold, precision, recall, f1 on labelled data")
 
 
+class CalibrationSpec(_Strict):
+    """A few defect-free validation frames and the scores the exported chain gave them (load-time sanity check).
+
+    The runtime scores ``file`` through its own preprocessing and backend when it loads the bundle and refuses the
+    bundle when a score moved (weights altered, wrong preprocessing, a broken engine).
+    """
+
+    file: str = Field(..., description="uint8 BGR frames (N, H, W, 3) at the input size, numpy .npy")
+    scores: list[float] = Field(..., min_length=1, description="image score of each frame, onnxruntime FP32 chain")
+    source: str = Field(..., description="which images, e.g. 'validation split: 4 of 25 spread over the scores'")
+
+
 class Manifest(_Strict):
     """``manifest.json``."""
 
@@ -120,13 +138,19 @@ class Manifest(_Strict):
     files: dict[str, str] = Field(..., description="sha256 of every file in the bundle except manifest.json")
     versions: dict[str, str] = Field(default_factory=dict, description="rdedge, torch, onnx, onnxruntime, tensorrt")
     extra: dict[str, str | float | int | bool] = Field(default_factory=dict, description="free-form metadata")
+    calibration: CalibrationSpec | None = Field(None, description="frames + scores for the load-time check")
 
     @model_validator(mode="after")
     def _chain_complete(self) -> Manifest:
         names = [p.name for p in self.parts]
         if names not in (list(CHAIN), list(CHAIN_WITH_DENSITY)):
             raise ValueError(f"parts must be {list(CHAIN)} (or with 'density' before 'score') in order, got {names}")
-        specs: list[PartSpec | EngineSpec] = [*self.parts, *([self.fused] if self.fused else []), *self.engines]
+        specs: list[PartSpec | EngineSpec | CalibrationSpec] = [
+            *self.parts,
+            *([self.fused] if self.fused else []),
+            *self.engines,
+            *([self.calibration] if self.calibration else []),
+        ]
         for spec in specs:
             if spec.file not in self.files:
                 raise ValueError(f"file {spec.file!r} has no sha256 in 'files'")
@@ -148,16 +172,25 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def read_manifest(bundle_dir: str | Path) -> Manifest:
-    """Parse and validate ``manifest.json``; raises :class:`BundleError` naming the file and field."""
+def read_manifest_bytes(bundle_dir: str | Path) -> bytes:
+    """The bytes of ``manifest.json`` (what a signature covers); raises :class:`BundleError` when missing."""
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.is_dir():
         raise BundleError(f"bundle directory not found: {bundle_dir}")
     path = bundle_dir / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(f"{path}: missing (is {bundle_dir} a bundle written by 'rdedge export'?)")
+    return path.read_bytes()
+
+
+def read_manifest(bundle_dir: str | Path, raw: bytes | None = None) -> Manifest:
+    """Parse and validate ``manifest.json`` (or ``raw``, its bytes as already read); raises :class:`BundleError`
+    naming the file and field."""
+    path = Path(bundle_dir) / MANIFEST_NAME
+    if raw is None:
+        raw = read_manifest_bytes(bundle_dir)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: corrupt JSON: {exc}") from None
     if isinstance(data, dict) and data.get("schema_version") not in (None, SCHEMA_VERSION):
@@ -189,10 +222,27 @@ def verify_files(bundle_dir: str | Path, manifest: Manifest, only: list[str] | N
             )
 
 
-def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
-    """Read the manifest and (by default) verify every file hash."""
-    manifest = read_manifest(bundle_dir)
-    if verify:
+def load_manifest(
+    bundle_dir: str | Path, verify: bool = True, trusted_keys: Sequence[PublicKey] | None = None
+) -> Manifest:
+    """Read the manifest and (by default) verify every file hash.
+
+    Args:
+        bundle_dir: the bundle.
+        verify: check every listed file's sha256.
+        trusted_keys: when given (non-empty), refuse the bundle unless ``manifest.sig`` verifies under one of them;
+            the hashes are then always checked, since the signature covers the files only through them.
+
+    Raises:
+        BundleError: missing, corrupt, unsigned or wrongly signed (with ``trusted_keys``), or a file's hash differs.
+    """
+    raw = read_manifest_bytes(bundle_dir)
+    if trusted_keys:
+        from runtime.signing import require_trusted_signature
+
+        require_trusted_signature(bundle_dir, raw, trusted_keys)  # the same bytes that are parsed below
+    manifest = read_manifest(bundle_dir, raw)
+    if verify or trusted_keys:
         verify_files(bundle_dir, manifest)
     return manifest
 

@@ -1,4 +1,4 @@
-"""Runtime verbs: ``run``, ``check-config``, ``bench``, ``spool``. No torch here.
+"""Runtime verbs: ``run``, ``check-config``, ``verify``, ``keygen``, ``bench``, ``spool``. No torch here.
 
 Also runnable without the training/export packages: ``python -m runtime.cli run --config FILE``.
 """
@@ -59,6 +59,9 @@ def check_config(path: str | Path, strict: bool = False) -> tuple[list[str], lis
         for name, p in (("ca_file", tls.ca_file), ("cert_file", tls.cert_file), ("key_file", tls.key_file)):
             if p is not None and not p.is_file():
                 findings.append(f"{path}: mqtt.tls.{name}: file not found (got {str(p)!r})")
+    for i, key in enumerate(cfg.trusted_keys or ()):
+        if not key.is_file():
+            findings.append(f"{path}: trusted_keys.{i}: file not found (got {str(key)!r})")
     for i, cam in enumerate(cfg.cameras):
         src = cam.source
         if src.kind in ("folder", "video") and not src.path.exists():
@@ -75,7 +78,9 @@ def _load_bundle_errors(path: str | Path, cfg: RuntimeConfig) -> list[str]:
     from runtime.engine import AnomalyModel
 
     try:
-        model = AnomalyModel(cfg.bundle, cfg.backend, verify=True, threshold=cfg.threshold)
+        model = AnomalyModel(
+            cfg.bundle, cfg.backend, verify=True, threshold=cfg.threshold, trusted_keys=cfg.trusted_keys
+        )
     except RdedgeError as exc:  # BundleError names the file; MissingExtraError names the extra
         return [f"{path}: bundle: {exc}"]
     except Exception as exc:  # noqa: BLE001 - a backend that cannot parse a part raises its own types
@@ -87,6 +92,83 @@ def _load_bundle_errors(path: str | Path, cfg: RuntimeConfig) -> list[str]:
     finally:
         model.close()
     return []
+
+
+def verify_bundle(
+    bundle: Path, trusted_keys: Sequence[Path] = (), calibration: bool = True, threads: int = 0
+) -> tuple[bool, list[str]]:
+    """Check a bundle the way the runtime loads it and say what was found.
+
+    Checks: the manifest parses; every listed file's sha256; ``manifest.sig`` (a signature that does not match is
+    a failure; with ``trusted_keys`` an unsigned bundle or one signed by another key is too); with ``calibration``
+    the stored calibration frames through onnxruntime on the CPU.
+
+    Returns:
+        ``(ok, lines)``: one line per check, ``"<check>: <finding>"``.
+    """
+    from runtime.bundle import read_manifest, read_manifest_bytes, verify_files
+    from runtime.signing import check_signature, load_public_keys
+
+    keys = load_public_keys(trusted_keys)
+    raw = read_manifest_bytes(bundle)
+    manifest = read_manifest(bundle, raw)
+    lines = [f"manifest: ok (model {manifest.model_id}, {manifest.backbone}, {len(manifest.files)} files)"]
+    ok = True
+    try:
+        verify_files(bundle, manifest)
+        lines.append(f"files: ok (sha256 of all {len(manifest.files)} files match the manifest)")
+        files_ok = True
+    except RdedgeError as exc:
+        lines.append(f"files: FAILED: {exc}")
+        ok = files_ok = False
+    sig = check_signature(bundle, raw, keys)
+    if sig.state == "invalid" or (keys and not sig.trusted):
+        lines.append(f"signature: FAILED: {sig.detail}")
+        ok = False
+    elif sig.state == "valid" and not keys:
+        lines.append(f"signature: valid, key {sig.key_id} (no --trusted-key given: who signed it is not checked)")
+    else:
+        lines.append(f"signature: {'ok, ' if sig.trusted else ''}{sig.detail}")
+    if not calibration:
+        lines.append("calibration: not checked (--no-calibration)")
+    elif manifest.calibration is None:
+        lines.append("calibration: skipped (the bundle ships no calibration frames)")
+    elif not files_ok:
+        lines.append("calibration: not checked (file hashes failed)")
+    else:
+        from runtime.config import BackendConfig
+        from runtime.engine import AnomalyModel
+
+        try:
+            with AnomalyModel(bundle, BackendConfig(threads=threads), verify=True) as model:
+                c = model.calibration
+            if c is not None:  # always set here: verify=True and the manifest lists frames
+                lines.append(
+                    f"calibration: ok ({c.frames} frames reproduce their scores on onnxruntime/cpu, max |diff| "
+                    f"{c.max_abs_diff:.3g} <= {c.tolerance:.3g}, {c.ms:.0f} ms)"
+                )
+        except RdedgeError as exc:
+            lines.append(f"calibration: FAILED: {exc}")
+            ok = False
+    return ok, lines
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    ok, lines = verify_bundle(args.bundle, args.trusted_key, calibration=not args.no_calibration)
+    for line in lines:
+        print(line)
+    print(f"{args.bundle}: {'OK' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from runtime.signing import generate_keypair
+
+    priv, pub, kid = generate_keypair(args.out)
+    print(f"private key {priv} (keep it on the build machine; mode 0600)")
+    print(f"public key  {pub} (list it under trusted_keys: on the line boxes)")
+    print(f"key id      {kid}")
+    return 0
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
@@ -190,6 +272,34 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(manifest, sha256 of every file, backend, one warm-up inference)",
     )
     p.set_defaults(func=_cmd_check_config)
+
+    p = sub.add_parser(
+        "verify",
+        help="check a bundle: manifest, sha256 of every file, signature, calibration scores (exit 1 on failure)",
+        description="Checks what the runtime checks at load: the manifest, every file's sha256, manifest.sig "
+        "(ed25519; needs rdedge[sign] when the bundle is signed) and the stored calibration frames' scores "
+        "(onnxruntime, CPU). With --trusted-key an unsigned bundle or one signed by another key fails.",
+    )
+    p.add_argument("bundle", type=Path, help="bundle directory")
+    p.add_argument(
+        "--trusted-key",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PUB",
+        help="public key file the signature must verify under (repeatable; as trusted_keys: in the config)",
+    )
+    p.add_argument("--no-calibration", action="store_true", help="skip the calibration-score check (no onnxruntime)")
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser(
+        "keygen",
+        help="make an ed25519 key pair for signing bundles (KEY and KEY.pub; needs rdedge[sign])",
+        description="Writes the private key to --out (mode 0600, never overwritten) and the public key to "
+        "--out.pub. Sign with 'rdedge export --sign KEY'; list KEY.pub under trusted_keys: on the line boxes.",
+    )
+    p.add_argument("--out", required=True, type=Path, help="private key file to create (public key: OUT.pub)")
+    p.set_defaults(func=_cmd_keygen)
 
     p = sub.add_parser("bench", help="benchmark a bundle: per-stage p50/p99 latency, frames/s, cold start, RSS")
     p.add_argument("--bundle", required=True, type=Path, help="bundle directory")

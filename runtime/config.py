@@ -205,6 +205,13 @@ class RuntimeConfig(_Strict):
     alerts: AlertsConfig = Field(default_factory=AlertsConfig, description="NG overlays")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="logging")
     threshold: float | None = Field(None, description="override the bundle's calibrated threshold (score units)")
+    trusted_keys: list[Path] | None = Field(
+        None,
+        min_length=1,
+        description="ed25519 public key files ('rdedge keygen' writes KEY.pub); when set, a bundle whose "
+        "manifest.sig does not verify under one of them (unsigned, altered after signing, or signed by another key) "
+        "is refused at start-up and by 'check-config --strict'. Unset: signatures are not required",
+    )
 
     @field_validator("cameras")
     @classmethod

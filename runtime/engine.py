@@ -2,13 +2,20 @@
 
 :class:`AnomalyModel` loads and verifies a bundle, builds the :class:`~runtime.preprocess.Preprocessor` from the
 manifest and the backend from the config. Constructing it imports no torch and costs one session (or engine) load
-per part.
+per part, plus (with ``verify``) one prediction per calibration frame the bundle ships.
+
+Load-time checks, in order: the signature of ``manifest.json`` when ``trusted_keys`` is given
+(:mod:`runtime.signing`), the sha256 of every file, then the calibration frames: each is scored through this
+runtime's preprocessing and backend and must reproduce the score export recorded within
+``CALIB_REL_TOL * max|recorded| + CALIB_ABS_TOL``. Hashes catch accidents, the signature who made the bundle, and
+the score check a bundle that no longer behaves as it did when it was exported (altered weights, a broken engine).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -18,9 +25,34 @@ import numpy as np
 from runtime.backends.base import Backend, create_backend
 from runtime.bundle import Manifest, load_manifest
 from runtime.config import BackendConfig, RoiConfig
+from runtime.errors import BundleError
 from runtime.preprocess import Preprocessor
+from runtime.signing import PublicKey, load_public_key
 
 logger = logging.getLogger(__name__)
+
+#: Calibration check tolerance, relative to the largest recorded score: export's FP16 bound (observed ~1e-3 for
+#: FP16 ONNX / TensorRT engines against the FP32 chain that recorded the scores).
+CALIB_REL_TOL = 2e-2
+#: Absolute floor of the tolerance (score units), for bundles whose scores are all near zero.
+CALIB_ABS_TOL = 1e-6
+
+
+@dataclass(frozen=True)
+class CalibrationCheck:
+    """Outcome of the load-time calibration check (it passed; a failure raises).
+
+    Attributes:
+        frames: calibration frames scored.
+        max_abs_diff: largest ``|score - recorded|``, score units.
+        tolerance: the bound it was held to, score units.
+        ms: wall time of the check (preprocess + inference of every frame), milliseconds.
+    """
+
+    frames: int
+    max_abs_diff: float
+    tolerance: float
+    ms: float
 
 
 @dataclass(frozen=True)
@@ -47,24 +79,43 @@ class AnomalyModel:
     Args:
         bundle_dir: bundle directory (``manifest.json`` + ONNX parts, optional engines).
         backend: which backend runs it and how.
-        verify: check every file's sha256 against the manifest before loading (a tampered bundle raises).
+        verify: check every file's sha256 against the manifest before loading (a tampered bundle raises), and
+            score the bundle's calibration frames (a bundle whose scores moved raises).
         threshold: override the manifest's calibrated threshold (score units).
+        trusted_keys: ed25519 public keys (``.pub`` files or loaded keys); when given, a bundle not signed by one of
+            them is refused, and the hashes are checked even with ``verify=False``.
 
     Raises:
-        BundleError: missing/corrupt/tampered bundle, or engines not built for this device.
-        MissingExtraError: the backend's package is not installed.
+        BundleError: missing/corrupt/tampered/unsigned bundle, scores that moved, or engines not built for this
+            device.
+        MissingExtraError: the backend's package (or PyNaCl, ``rdedge[sign]``, with ``trusted_keys``) is missing.
+        RdedgeError: a trusted key file is missing or unreadable.
     """
 
     def __init__(
-        self, bundle_dir: Path, backend: BackendConfig, verify: bool = True, threshold: float | None = None
+        self,
+        bundle_dir: Path,
+        backend: BackendConfig,
+        verify: bool = True,
+        threshold: float | None = None,
+        trusted_keys: Sequence[PublicKey | str | Path] | None = None,
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
-        self._manifest = load_manifest(self.bundle_dir, verify=verify)
+        keys = [k if isinstance(k, PublicKey) else load_public_key(k) for k in trusted_keys or ()]
+        self._manifest = load_manifest(self.bundle_dir, verify=verify, trusted_keys=keys)
         self._threshold = float(threshold) if threshold is not None else self._manifest.threshold.value
         self._pre = Preprocessor(self._manifest.preprocess, self._manifest.input)
         self._input_name = self._manifest.input.name
         self._backend: Backend | None = create_backend(self.bundle_dir, self._manifest, backend)
         self.backend_config = backend
+        #: The calibration check's outcome; ``None`` when not run (``verify=False``, or no frames in the bundle).
+        self.calibration: CalibrationCheck | None = None
+        if verify:
+            try:
+                self._check_calibration()
+            except BaseException:
+                self.close()
+                raise
         logger.info(
             "model %s loaded from %s (%s, threshold %.6g%s)",
             self.model_id,
@@ -119,6 +170,51 @@ class AnomalyModel:
         t2 = time.perf_counter()
         timings = {"preprocess": (t1 - t0) * 1e3, **stage_ms, "total": (t2 - t0) * 1e3}
         return Prediction(score=score, anomaly_map=amap, is_ng=score >= self._threshold, timings_ms=timings)
+
+    def _check_calibration(self) -> None:
+        """Score the bundle's calibration frames; raise :class:`BundleError` naming each frame whose score moved."""
+        cal = self._manifest.calibration
+        if cal is None:
+            logger.info(
+                "%s: the bundle ships no calibration frames (exported by an older rdedge); load-time score check "
+                "skipped",
+                self.bundle_dir,
+            )
+            return
+        path = self.bundle_dir / cal.file
+        inp = self._manifest.input
+        try:
+            frames = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"{path}: unreadable calibration frames: {exc}") from None
+        want = (len(cal.scores), inp.height, inp.width, 3)
+        if frames.dtype != np.uint8 or frames.shape != want:
+            raise BundleError(f"{path}: calibration frames must be uint8 {want}, got {frames.dtype} {frames.shape}")
+        t0 = time.perf_counter()
+        got = [self.predict(f).score for f in frames]
+        ms = (time.perf_counter() - t0) * 1e3
+        tol = CALIB_REL_TOL * max(abs(s) for s in cal.scores) + CALIB_ABS_TOL
+        moved = [
+            f"frame {i}: recorded {r:.6g}, got {g:.6g} (|diff| {abs(g - r):.3g})"
+            for i, (r, g) in enumerate(zip(cal.scores, got, strict=True))
+            if not abs(g - r) <= tol
+        ]
+        if moved:
+            raise BundleError(
+                f"{self.bundle_dir}: refused: calibration scores moved beyond the tolerance {tol:.3g} "
+                f"({self.backend.name}, {cal.file}): {'; '.join(moved)}. The model no longer scores as it did at "
+                "export (altered weights, a wrong engine or preprocessing); re-export the bundle"
+            )
+        worst = max(abs(g - r) for r, g in zip(cal.scores, got, strict=True))
+        self.calibration = CalibrationCheck(len(got), worst, tol, ms)
+        logger.info(
+            "%s: calibration check passed: %d frames, max |diff| %.3g (tolerance %.3g), %.1f ms",
+            self.bundle_dir,
+            len(got),
+            worst,
+            tol,
+            ms,
+        )
 
     def warmup(self, n: int = 2) -> None:
         """Run ``n`` predictions on a mid-grey frame so first-call allocations happen before real frames."""

@@ -91,7 +91,9 @@ class Service:
         """Load the model, open spool and MQTT, start the grabbers. Raises :class:`RdedgeError` on bad inputs."""
         cfg = self.cfg
         t0 = time.monotonic()
-        self.model = AnomalyModel(cfg.bundle, cfg.backend, verify=True, threshold=cfg.threshold)
+        self.model = AnomalyModel(
+            cfg.bundle, cfg.backend, verify=True, threshold=cfg.threshold, trusted_keys=cfg.trusted_keys
+        )
         self.model.warmup(1)
         log.info("bundle %s ready in %.2f s (model %s, threshold %.6g)", cfg.bundle, time.monotonic() - t0,
                  self.model.model_id, self.model.threshold)  # fmt: skip

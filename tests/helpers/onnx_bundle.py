@@ -11,7 +11,8 @@ runtime code under test cannot tell them from an exported Reverse Distillation m
   resize to (H,W), sum, Gaussian blur (sigma 4, kernel 33, reflect padding, two separable convs), max over H,W.
 
 Weights are random but fixed by ``seed``. The default threshold is the median score of random noise images, so
-roughly half of random images come out NG.
+roughly half of random images come out NG. Like an exported bundle it ships four calibration frames
+(``calib.npy``, uint8 noise) with their scores, which the runtime reproduces at load time.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from runtime.bundle import (
     CHAIN,
+    CalibrationSpec,
     InputSpec,
     Manifest,
     PartSpec,
@@ -236,8 +238,31 @@ def _median_noise_score(fused: onnx.ModelProto, image_size: int, seed: int, n: i
     return float(np.median(scores))
 
 
+def _calibration(fused: onnx.ModelProto, out_dir: Path, image_size: int, seed: int, n: int = 4) -> CalibrationSpec:
+    """Write ``calib.npy`` (``n`` uint8 BGR noise frames) and score them through the runtime's preprocessing."""
+    import onnxruntime as ort
+
+    from runtime.preprocess import Preprocessor
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(fused.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    frames = np.random.default_rng(seed + 2000).integers(0, 256, size=(n, image_size, image_size, 3), dtype=np.uint8)
+    pre = Preprocessor(
+        PreprocessSpec(mean=IMAGENET_MEAN, std=IMAGENET_STD), InputSpec(height=image_size, width=image_size)
+    )
+    scores = [float(sess.run(["score"], {"image": pre(f)})[0][0]) for f in frames]
+    np.save(out_dir / "calib.npy", frames)
+    return CalibrationSpec(file="calib.npy", scores=scores, source=f"{n} uniform-noise frames (tests/helpers)")
+
+
 def make_tiny_bundle(
-    out_dir: Path, image_size: int = 64, seed: int = 0, threshold: float | None = None, fused: bool = True
+    out_dir: Path,
+    image_size: int = 64,
+    seed: int = 0,
+    threshold: float | None = None,
+    fused: bool = True,
+    calibration: bool = True,
 ) -> Path:
     """Write a complete tiny bundle (five parts, optional fused ``model.onnx``, ``manifest.json``) into ``out_dir``.
 
@@ -247,6 +272,8 @@ def make_tiny_bundle(
         seed: fixes the random weights and the noise images that set the default threshold.
         threshold: NG threshold in score units; default the median score of random noise images.
         fused: also write the fused single graph ``model.onnx`` (image -> anomaly_map, score).
+        calibration: also write ``calib.npy`` and record its scores (``manifest.calibration``); ``False`` makes a
+            bundle like those exported before the load-time score check existed.
 
     Returns:
         ``out_dir``.
@@ -282,6 +309,10 @@ def make_tiny_bundle(
         onnx.save(fused_model, str(out_dir / "model.onnx"))
         files["model.onnx"] = sha256_file(out_dir / "model.onnx")
         fused_spec = _part_spec("fused", "model.onnx", shapes)
+    calib = None
+    if calibration:
+        calib = _calibration(fused_model, out_dir, image_size, seed)
+        files[calib.file] = sha256_file(out_dir / calib.file)
     if threshold is None:
         value = _median_noise_score(fused_model, image_size, seed)
         rule, source = "median", "16 uniform-noise images (tests/helpers/onnx_bundle.py)"
@@ -299,6 +330,7 @@ def make_tiny_bundle(
         files=files,
         versions={"onnx": onnx.__version__},
         extra={"synthetic": True},
+        calibration=calib,
     )
     write_manifest(out_dir, manifest)
     return out_dir
