@@ -21,6 +21,7 @@ from pathlib import Path
 
 from export.errors import ExportError
 from runtime.bundle import MANIFEST_NAME, Manifest, load_manifest, sha256_file, write_manifest
+from runtime.signing import SIGNATURE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +109,12 @@ def _commit(tmp: Path, out: Path, force: bool) -> None:
 
 
 def file_hashes(bundle_dir: Path) -> dict[str, str]:
-    """sha256 of every file under ``bundle_dir`` except ``manifest.json`` (and temp files), by relative path."""
+    """sha256 of every file under ``bundle_dir`` except ``manifest.json``, ``manifest.sig`` (which cover the others)
+    and temp files, by relative path."""
     out = {}
     for f in sorted(bundle_dir.rglob("*")):
         rel = f.relative_to(bundle_dir).as_posix()
-        if f.is_file() and rel != MANIFEST_NAME and not rel.endswith(".tmp"):
+        if f.is_file() and rel not in (MANIFEST_NAME, SIGNATURE_NAME) and not rel.endswith(".tmp"):
             out[rel] = sha256_file(f)
     return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -22,6 +23,7 @@ def export_command(args: argparse.Namespace) -> int:
         target_far=args.target_far,
         max_batch=args.max_batch,
         force=args.force,
+        sign=args.sign,
     )
     if args.parity_tol is not None:
         opts.parity_tol = args.parity_tol
@@ -34,6 +36,8 @@ def export_command(args: argparse.Namespace) -> int:
             f"F1-optimal on labelled data (information only): threshold {f1['threshold']:.6g}, "
             f"F1 {f1['f1']:.3f}, precision {f1['precision']:.3f}, recall {f1['recall']:.3f}"
         )
+    if args.sign is not None:
+        print(f"signed with {args.sign} (manifest.sig)")
     print(out)
     return 0
 
@@ -41,10 +45,22 @@ def export_command(args: argparse.Namespace) -> int:
 def build_engines_command(args: argparse.Namespace) -> int:
     """``rdedge build-engines``: TensorRT engines for this device, recorded in the bundle's manifest."""
     from export.tensorrt_build import build_engines
+    from runtime.signing import SIGNATURE_NAME, check_private_key, sign_bundle
 
+    if args.sign is not None:
+        check_private_key(args.sign)  # before the long build
     manifest = build_engines(args.bundle, precision=args.precision, max_batch=args.max_batch, gpu_id=args.gpu_id)
     for e in manifest.engines:
         print(f"{e.part:<10} {e.precision}  {e.file}")
+    sig = Path(args.bundle) / SIGNATURE_NAME
+    if args.sign is not None:
+        print(f"signed with key {sign_bundle(args.bundle, args.sign)} ({sig})")
+    elif sig.is_file():
+        sig.unlink()  # it covered the manifest before the engines were added: no longer true
+        print(
+            f"warning: {sig} removed: manifest.json changed; re-sign (--sign KEY) or trusted_keys will refuse it",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -87,6 +103,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-far", type=float, default=0.01, help="target false-alarm rate of the threshold (0.01)")
     p.add_argument("--max-batch", type=int, default=4, help="largest batch the bundle declares (default 4)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle (atomically)")
+    p.add_argument(
+        "--sign",
+        type=Path,
+        metavar="KEY",
+        help="sign manifest.json with this ed25519 private key ('rdedge keygen'; needs rdedge[sign]): writes "
+        "manifest.sig, which a runtime with trusted_keys: requires",
+    )
     p.add_argument("--parity-tol", type=float, help=argparse.SUPPRESS)  # tests: force a parity failure
     p.set_defaults(func=export_command)
 
@@ -100,6 +123,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16", help="default fp16")
     p.add_argument("--max-batch", type=int, help="top of the optimisation profile (default: the bundle's max_batch)")
     p.add_argument("--gpu-id", type=int, default=0, help="CUDA device ordinal (default 0)")
+    p.add_argument(
+        "--sign",
+        type=Path,
+        metavar="KEY",
+        help="re-sign the rewritten manifest.json (without it an existing manifest.sig is removed: it no longer "
+        "matches)",
+    )
     p.set_defaults(func=build_engines_command)
 
     p = sub.add_parser(

@@ -3,8 +3,10 @@
 Steps: load the run (``training.build.load_model``; every weight, teacher included, comes from the checkpoint's
 ``model`` entry and none from ``aux``) -> export the five parts (+ fused graph) and check each against torch on two
 inputs -> FP16 copies of the four FP16-able parts -> score the calibration images through the exported ONNX chain
-with ONNX Runtime (what the runtime runs) and check them against torch -> threshold -> ``manifest.json`` through
-``runtime.bundle`` -> optional TensorRT engines -> rename into place. See :mod:`export.bundle_writer` for the
+with ONNX Runtime (what the runtime runs) and check them against torch -> a few of them kept as calibration frames
+(``calib.npy``, scores in ``manifest.calibration``; the runtime reproduces them at load) -> threshold ->
+``manifest.json`` through ``runtime.bundle`` -> optional TensorRT engines -> optional ed25519 signature
+(``manifest.sig``, :mod:`runtime.signing`) -> rename into place. See :mod:`export.bundle_writer` for the
 all-or-nothing write and :mod:`export.parity` for the error measures and tolerances.
 """
 
@@ -20,11 +22,21 @@ import numpy as np
 from export.bundle_writer import check_target, finalize_manifest, model_id, staging, tool_versions, utc_now
 from export.errors import ExportError, require
 from export.parity import FP16_SCORE_TOL, PART_TOL, SCORE_TOL
-from runtime.bundle import CHAIN, CHAIN_WITH_DENSITY, InputSpec, Manifest, PartSpec, PreprocessSpec, ThresholdSpec
+from runtime.bundle import (
+    CHAIN,
+    CHAIN_WITH_DENSITY,
+    CalibrationSpec,
+    InputSpec,
+    Manifest,
+    PartSpec,
+    PreprocessSpec,
+    ThresholdSpec,
+)
 
 log = logging.getLogger(__name__)
 
 FP16_PARTS = ("teacher", "projection", "ocbe", "decoder")
+CALIB_FILE = "calib.npy"
 
 
 @dataclass
@@ -46,6 +58,8 @@ class ExportOptions:
     score_tol: float = SCORE_TOL
     fp16_score_tol: float = FP16_SCORE_TOL
     seed: int = 0
+    sign: Path | None = None
+    calib_frames: int = 4
 
 
 @dataclass
@@ -153,6 +167,43 @@ def _torch_chain(model: Any, scoring: Any, x: np.ndarray) -> dict[str, np.ndarra
     return {k: v.detach().numpy().astype(np.float32) for k, v in t.items()}
 
 
+def write_calibration_frames(
+    bundle_dir: Path,
+    paths: list[Path],
+    scores: np.ndarray,
+    chain: list[Any],
+    preprocess: PreprocessSpec,
+    input_spec: InputSpec,
+    n: int,
+) -> CalibrationSpec:
+    """Keep ``n`` calibration images, spread over their scores (lowest .. highest), as ``calib.npy``.
+
+    Frames are stored as the runtime receives them, uint8 BGR ``(n, H, W, 3)`` already at the input size, and scored
+    through the runtime's own :class:`~runtime.preprocess.Preprocessor` and the exported FP32 chain (ORT), so the
+    load-time check compares like with like. Size: ``n * H * W * 3`` bytes (196 KB for 4 frames at 128 px).
+    """
+    import cv2
+
+    from export import parity
+    from runtime.preprocess import Preprocessor
+    from training.data import read_image
+
+    order = np.argsort(scores, kind="stable")
+    idx = sorted({int(order[i]) for i in np.linspace(0, len(order) - 1, min(n, len(order))).round().astype(int)})
+    size = (input_spec.width, input_spec.height)
+    frames = np.stack([cv2.resize(read_image(paths[i]), size, interpolation=cv2.INTER_LINEAR) for i in idx])
+    pre = Preprocessor(preprocess, input_spec)
+    x = np.concatenate([pre(f) for f in frames])
+    got, _ = parity.chain_scores(chain, x)
+    np.save(bundle_dir / CALIB_FILE, np.ascontiguousarray(frames, dtype=np.uint8))
+    return CalibrationSpec(
+        file=CALIB_FILE,
+        scores=[float(v) for v in got],
+        source=f"{len(idx)} of the {len(paths)} threshold images, spread over their scores "
+        f"(ranks {', '.join(str(int(np.where(order == i)[0][0])) for i in idx)})",
+    )
+
+
 def _torch_scores(model: Any, scoring: Any, images: np.ndarray, batch: int = 8) -> np.ndarray:
     return np.concatenate(
         [_torch_chain(model, scoring, images[i : i + batch])["score"] for i in range(0, len(images), batch)]
@@ -183,6 +234,12 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
         raise ExportError(f"--target-far must be in (0, 1), got {opts.target_far}")
     if opts.max_batch < 1:
         raise ExportError(f"--max-batch must be >= 1, got {opts.max_batch}")
+    if opts.calib_frames < 1:
+        raise ExportError(f"calib_frames must be >= 1, got {opts.calib_frames}")
+    if opts.sign is not None:
+        from runtime.signing import check_private_key
+
+        log.info("the bundle will be signed with key %s (%s)", check_private_key(opts.sign), opts.sign)
     if opts.trt:
         from export.tensorrt_build import import_tensorrt
 
@@ -287,6 +344,14 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
                 par["fp16_score_max_abs"], par["fp16_score_max_rel"] = err
                 extra["parity_tolerance_fp16_score_rel"] = opts.fp16_score_tol
 
+        input_spec = InputSpec(name="image", height=size, width=size, max_batch=opts.max_batch)
+        preprocess = PreprocessSpec(
+            color="rgb", interpolation="linear", scale=1.0 / 255.0, mean=list(spec.mean), std=list(spec.std)
+        )
+        calibration = write_calibration_frames(
+            tmp, calib.good, ort_scores, chain, preprocess, input_spec, opts.calib_frames
+        )
+
         thr = calibrate_threshold(ort_scores, opts.target_far)
         q = 1.0 - opts.target_far
         f1: dict[str, float] | None = None
@@ -315,10 +380,8 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
             model_id=model_id(cfg.model.backbone, [files[specs[p].file] for p in chain_names]),
             created=utc_now(),
             backbone=cfg.model.backbone,
-            input=InputSpec(name="image", height=size, width=size, max_batch=opts.max_batch),
-            preprocess=PreprocessSpec(
-                color="rgb", interpolation="linear", scale=1.0 / 255.0, mean=list(spec.mean), std=list(spec.std)
-            ),
+            input=input_spec,
+            preprocess=preprocess,
             parts=[specs[p] for p in chain_names],
             fused=specs.get("fused"),
             threshold=threshold,
@@ -326,11 +389,16 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
             files=files,
             versions=tool_versions(),
             extra=extra,
+            calibration=calibration,
         )
         manifest = finalize_manifest(tmp, manifest)
         if opts.trt:
             from export.tensorrt_build import build_engines
 
             manifest = build_engines(tmp, precision=opts.precision, max_batch=opts.max_batch)
+        if opts.sign is not None:
+            from runtime.signing import sign_bundle
+
+            log.info("signed manifest.json with key %s", sign_bundle(tmp, opts.sign))
     log.info("bundle %s: model %s, threshold %.6g (%s)", out, manifest.model_id, manifest.threshold.value, calib.source)
     return out, manifest
