@@ -16,9 +16,9 @@ from export.parity import PART_TOL, errors, run_session, session
 from export.pipeline import _torch_chain, load_images
 from runtime.bundle import CHAIN, load_manifest
 from runtime.errors import BundleError
-from training.anomaly_map import AnomalyScorer
 from training.backbones import get_spec
 from training.build import load_model
+from training.scoring import build_scoring
 
 
 def test_manifest_validates_and_follows_the_contract(exported_bundle: Path) -> None:
@@ -64,12 +64,12 @@ def test_tampered_file_fails_its_hash(exported_bundle: Path, tmp_path: Path) -> 
 def test_ort_parity_per_part_on_two_inputs(exported_bundle: Path, tiny_run: tuple[Path, Path]) -> None:
     """Independent of the export's own check: torch vs each ONNX part on a noise batch of 2 and a real image."""
     run, category = tiny_run
-    model, cfg, _ = load_model(run)
+    model, cfg, ckpt = load_model(run)
     spec = get_spec(cfg.model.backbone)
-    scorer = AnomalyScorer((64, 64), cfg.model.sigma).eval()
+    scoring = build_scoring(ckpt.get("scoring"), spec.channels, (64, 64), cfg.model.sigma)  # the chosen recipe
     real = load_images(sorted((category / "test" / "scratch").glob("*.png"))[:1], 64, spec.mean, spec.std)
     inputs = [np.random.default_rng(7).standard_normal((2, 3, 64, 64)).astype(np.float32), real]
-    refs = [_torch_chain(model, scorer, x) for x in inputs]
+    refs = [_torch_chain(model, scoring, x) for x in inputs]
     assert not np.allclose(refs[0]["f1"][:1], refs[1]["f1"])
     for name in (*CHAIN, "fused"):
         ins, outs = PART_IO[name]

@@ -1,8 +1,8 @@
 """Issue 5's preprocessing/scoring parity: the exported bundle run by the runtime scores image files exactly as
-training's evaluation path does (training.data preprocessing + torch model + AnomalyScorer).
+training's evaluation path does (training.data preprocessing + torch model + the run's scoring).
 
 Same image files, two code paths that share nothing but the files: training (cv2 decode -> training.data.preprocess
--> torch -> AnomalyScorer) and the runtime (cv2 decode -> runtime.preprocess.Preprocessor -> ONNX Runtime chain, and
+-> torch -> the run's scoring) and the runtime (cv2 decode -> runtime.preprocess.Preprocessor -> ONNX Runtime chain, and
 the fused graph). Tolerance: image scores within 1e-4 relative to the peak score (observed ~1e-6), anomaly maps
 within 1e-4 relative; verdicts identical except for scores within that band of the threshold.
 """
@@ -32,18 +32,20 @@ def run_and_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
 def test_runtime_scores_match_training_evaluation(run_and_bundle: tuple[Path, Path, Path], fused: bool) -> None:
     from runtime.config import BackendConfig
     from runtime.engine import AnomalyModel
-    from training.anomaly_map import AnomalyScorer
     from training.backbones import get_spec
     from training.build import load_model
     from training.data import discover
     from training.evaluate import predict
 
     run, category, bundle = run_and_bundle
-    model, cfg, _ = load_model(run)
+    from training.scoring import build_scoring
+
+    model, cfg, ckpt = load_model(run)
     spec = get_spec(cfg.model.backbone)
     size = (IMAGE_SIZE, IMAGE_SIZE)
+    scoring = build_scoring(ckpt.get("scoring"), spec.channels, size, cfg.model.sigma)  # the recipe the run chose
     samples = discover(category, cfg.data.val_fraction, cfg.seed, need_test=True).test
-    ref = predict(model, AnomalyScorer(size, cfg.model.sigma), samples, size, spec.mean, spec.std,
+    ref = predict(model, scoring, samples, size, spec.mean, spec.std,
                   torch.device("cpu"), batch_size=4, keep_maps=True)  # fmt: skip
     assert ref.maps is not None
     with AnomalyModel(bundle, BackendConfig(kind="onnxruntime", threads=2, fused=fused)) as rt:
