@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from export.cli import main
-from training.anomaly_map import AnomalyScorer
 from training.backbones import get_spec
 from training.build import build_model, load_model
 from training.checkpoint import load_checkpoint
 from training.data import discover
 from training.demo_data import make_demo_data
 from training.evaluate import predict
+from training.scoring import build_scoring
 
 SIZE = "64"
 
@@ -60,11 +60,11 @@ def test_scores_identical_without_the_simclr_folder(aux_run: tuple[Path, Path, P
     data, simclr, run = aux_run
     spec = get_spec("efficientnet_lite0")
     samples = discover(data, need_test=True).test
-    scorer = AnomalyScorer((64, 64))
 
     def scores() -> torch.Tensor:
-        model, _, _ = load_model(run)
-        pred = predict(model, scorer, samples, (64, 64), spec.mean, spec.std, torch.device("cpu"), keep_maps=False)
+        model, cfg, ckpt = load_model(run)
+        scoring = build_scoring(ckpt["scoring"], spec.channels, (64, 64), cfg.model.sigma)  # the chosen recipe
+        pred = predict(model, scoring, samples, (64, 64), spec.mean, spec.std, torch.device("cpu"), keep_maps=False)
         return torch.from_numpy(pred.scores)
 
     before = scores()

@@ -9,36 +9,42 @@ import numpy as np
 import pytest
 import torch
 
-from training.anomaly_map import AnomalyScorer
+from tests.training.conftest import FAST
 from training.backbones import get_spec
 from training.build import load_model
 from training.checkpoint import BEST, LAST, load_checkpoint
 from training.config import load_train_config
 from training.data import ImageDataset, discover
 from training.errors import CheckpointError, ConfigError
+from training.scoring import build_scoring
 from training.train import fit
 
 
 def _scores(run: Path, category: Path) -> np.ndarray:
-    model, cfg, _ = load_model(run)
+    model, cfg, ckpt = load_model(run)
     spec = get_spec(cfg.model.backbone)
     size = (cfg.data.image_size,) * 2
     ds = ImageDataset(discover(category, need_test=True).test, size, spec.mean, spec.std, skip_unreadable=False)
     x = torch.from_numpy(np.stack([ds[i]["image"] for i in range(len(ds))]))
     with torch.no_grad():
         feats, recon = model(x)
-        return AnomalyScorer(size)(*feats, *recon)[1].numpy()
+        return build_scoring(ckpt["scoring"], spec.channels, size, cfg.model.sigma)(feats, recon)[1].numpy()
 
 
 def test_checkpoint_is_a_plain_dict_with_config_and_seed(tiny_run: Path) -> None:
     ckpt = torch.load(tiny_run / BEST, map_location="cpu", weights_only=True)
-    assert ckpt["format"] == "rdedge-checkpoint" and ckpt["seed"] == 0
+    assert ckpt["format"] == "rdedge-checkpoint" and ckpt["version"] == 2 and ckpt["seed"] == 0
     assert ckpt["config"]["model"]["backbone"] == "efficientnet_lite0"
     assert all(isinstance(v, torch.Tensor) for v in ckpt["model"].values())
     assert ckpt["aux"] is None
     assert ckpt["split"]["val"], "the validation file list is kept for threshold calibration"
     log = [json.loads(x) for x in (tiny_run / "log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in log] == [1, 2] and all("val_loss" in r and "images_per_s" in r for r in log)
+    assert [r["step"] for r in log] == [3, 6] and all("val_loss" in r and "images_per_s" in r for r in log)
+    assert all(0.0 <= r["signal"] <= 1.0 and r["recipe"] for r in log)
+    assert ckpt["step"] == ckpt["best_step"] in (3, 6) and ckpt["best_signal"] == max(r["signal"] for r in log)
+    assert ckpt["scoring"]["recipe"] and [h["step"] for h in ckpt["history"]] == [3, 6][: len(ckpt["history"])]
+    last = torch.load(tiny_run / LAST, map_location="cpu", weights_only=True)
+    assert last["step"] == 6 and last["scoring"] is None and [h["step"] for h in last["history"]] == [3, 6]
 
 
 def test_round_trip_reproduces_scores_exactly(tiny_run: Path, demo_category: Path) -> None:
@@ -67,14 +73,28 @@ def test_wrong_architecture_is_refused(tiny_run: Path, tmp_path: Path) -> None:
         load_model(tmp_path / "mixed.pt")
 
 
-def test_resume_continues_and_refuses_a_changed_model(demo_category: Path, tmp_path: Path) -> None:
-    base = {"data.image_size": 64, "optim.batch_size": 8}
-    fit(load_train_config(None, {**base, "optim.epochs": 1}), demo_category, tmp_path, show_progress=False)
-    changed = load_train_config(None, {**base, "optim.epochs": 2, "data.image_size": 96})
+def test_resume_continues_from_the_saved_step_and_refuses_a_changed_model(demo_category: Path, tmp_path: Path) -> None:
+    base = {**FAST, "selection.every_steps": 2, "selection.density": False}
+    fit(load_train_config(None, {**base, "optim.steps": 4}), demo_category, tmp_path / "a", show_progress=False)
+    assert load_checkpoint(tmp_path / "a" / LAST)["step"] == 4
+    changed = load_train_config(None, {**base, "optim.steps": 8, "data.image_size": 96})
     with pytest.raises(ConfigError, match="data.image_size"):
-        fit(changed, demo_category, tmp_path, resume=True, show_progress=False)
-    longer = load_train_config(None, {**base, "optim.epochs": 2})  # more epochs is what resume is for
-    fit(longer, demo_category, tmp_path, resume=True, show_progress=False)
-    assert load_checkpoint(tmp_path / LAST)["epoch"] == 1
-    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in log] == [1, 2]
+        fit(changed, demo_category, tmp_path / "a", resume=True, show_progress=False)
+    longer = load_train_config(None, {**base, "optim.steps": 8})  # more steps is what resume is for
+    fit(longer, demo_category, tmp_path / "a", resume=True, show_progress=False)
+    last = load_checkpoint(tmp_path / "a" / LAST)
+    assert last["step"] == 8 and [h["step"] for h in last["history"]] == [2, 4, 6, 8]
+    log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6, 8]
+    # The resumed run is the uninterrupted one: same weights, optimiser state and batches after step 4.
+    fit(longer, demo_category, tmp_path / "b", show_progress=False)
+    straight = load_checkpoint(tmp_path / "b" / LAST)
+    for k, v in straight["model"].items():
+        torch.testing.assert_close(last["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert [h["signal"] for h in straight["history"]] == pytest.approx([h["signal"] for h in last["history"]])
+
+
+def test_resume_without_a_checkpoint_is_an_error(demo_category: Path, tmp_path: Path) -> None:
+    cfg = load_train_config(None, {**FAST, "optim.steps": 2})
+    with pytest.raises(CheckpointError, match="no checkpoint_last.pt"):
+        fit(cfg, demo_category, tmp_path, resume=True, show_progress=False)

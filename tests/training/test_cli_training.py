@@ -26,15 +26,17 @@ def test_make_demo_data_train_evaluate_report(tmp_path: Path) -> None:
         str(cat),
         "--out",
         str(tmp_path / "run"),
-        "--epochs",
-        "1",
+        "--steps",
+        "4",
         "--image-size",
         "64",
         "--batch-size",
         "8",
     )
     assert p.returncode == 0, p.stderr
-    assert "epoch 1/1" in p.stderr
+    assert "step 4/4" in p.stderr
+    selection = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert selection["steps"] == 4 and selection["chosen"] and selection["candidates"]
     p = _run(
         "evaluate",
         "--run",

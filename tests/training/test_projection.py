@@ -65,7 +65,10 @@ def test_every_projection_parameter_gets_a_gradient(kind: str, simclr_dir: Path)
     model = build_model(cfg).train()
     objective = build_objective(cfg, model, simclr_dir if kind == "aux" else None)
     optimizers = objective.parameters_groups(model, cfg)
-    loss, parts = objective.loss(model, torch.randn(3, 3, 64, 64))
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.teacher(images)  # training runs the frozen teacher once and caches its features
+    loss, parts = objective.loss(model.student(), feats, images)
     assert torch.isfinite(loss) and all(v == v for v in parts.values())
     loss.backward()
     for name, p in model.projection.named_parameters():
@@ -135,7 +138,9 @@ def test_aux_of_another_architecture_gets_adapters_and_its_own_normalisation(tmp
     convs = [a for a in obj.adapters if isinstance(a, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels) for c in convs] == list(zip(SPEC.channels, r18.channels, strict=True))
     obj.parameters_groups(model, cfg)
-    loss, _ = obj.loss(model, teacher_in)
+    with torch.no_grad():
+        feats = model.teacher(teacher_in)
+    loss, _ = obj.loss(model.student(), feats, teacher_in)
     loss.backward()
     assert all(p.grad is not None for p in obj.adapters.parameters())
     assert set(obj.state_dict()["adapters"]) == {f"{i}.{w}" for i in range(3) for w in ("weight", "bias")}

@@ -65,7 +65,10 @@ def test_rdpp_objective_optimisers_and_terms() -> None:
     dec, proj = obj.parameters_groups(model, cfg)
     assert dec.param_groups[0]["lr"] == 0.005 and proj.param_groups[0]["lr"] == 0.001
     assert {id(p) for p in proj.param_groups[0]["params"]} == {id(p) for p in model.projection.parameters()}
-    loss, parts = obj.loss(model, torch.randn(4, 3, 64, 64))
+    images = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.teacher(images)
+    loss, parts = obj.loss(model.student(), feats, images)
     assert set(parts) == {"kd", "ssot", "recon", "contrast", "noise_ms"}
     expected = parts["kd"] + 0.2 * (parts["ssot"] + 0.01 * parts["recon"] + 0.1 * parts["contrast"]) / 1.11
     assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)

@@ -1,0 +1,184 @@
+"""Scoring: the density head, the paper recipe against the RD formula (scipy blur), top-k, the checkpoint round trip."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+
+from training.scoring import (
+    PAPER_RECIPE,
+    AnomalyScorer,
+    ChannelStats,
+    DensityHead,
+    FusedScorer,
+    ScoreRecipe,
+    build_scoring,
+    scoring_state,
+)
+
+CH = (4, 6, 8)
+SIZE = (64, 64)
+
+
+def _feats(n: int, size: tuple[int, int] = SIZE, shift: float = 0.0, seed: int = 0) -> list[torch.Tensor]:
+    """Random per-scale features ``(n, C_k, H/s, W/s)`` for strides 4, 8, 16."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(n, c, size[0] // s, size[1] // s, generator=g) + shift for c, s in zip(CH, (4, 8, 16), strict=True)
+    ]
+
+
+def _recon(feats: list[torch.Tensor], noise: float = 0.5, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [f + noise * torch.randn(f.shape, generator=g) for f in feats]
+
+
+def _paper_formula(feats: list[torch.Tensor], recon: list[torch.Tensor], sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """The RD paper's map: sum of upsampled ``1 - cos`` maps, scipy Gaussian blur (float64), score = max."""
+    h, w = feats[0].shape[2] * 4, feats[0].shape[3] * 4
+    total = sum(
+        F.interpolate(
+            (1 - F.cosine_similarity(f, d, dim=1)).unsqueeze(1), size=(h, w), mode="bilinear", align_corners=True
+        )
+        for f, d in zip(feats, recon, strict=True)
+    )
+    raw = total[:, 0].double().numpy()
+    blurred = np.stack([gaussian_filter(m, sigma=sigma, mode="reflect", truncate=4.0) for m in raw])
+    return blurred, blurred.reshape(len(blurred), -1).max(axis=1)
+
+
+def test_density_head_output_shape_and_grid() -> None:
+    size = (64, 96)  # not square: the grid is (H/8, W/8)
+    head = DensityHead(CH, size, dims=8).fit(_feats(20, size))
+    out = head(*_feats(3, size, seed=5))
+    assert out.shape == (3, 1, 8, 12) and out.dtype == torch.float32
+    assert torch.isfinite(out).all() and (out >= 0).all()
+
+
+def test_density_head_is_small_on_training_like_features_and_large_on_shifted_ones() -> None:
+    head = DensityHead(CH, SIZE, dims=8).fit(_feats(80))
+    same = head(*_feats(10, seed=7))  # the training distribution, other samples
+    shifted = head(*_feats(10, shift=4.0, seed=7))
+    # a d-dim standard Gaussian is at Mahalanobis distance ~ sqrt(d) = 2.8 from its mean
+    assert 1.5 < float(same.mean()) < 5.0
+    assert float(shifted.mean()) > 2 * float(same.mean())
+    assert float(shifted.min()) > float(same.median())
+
+
+def test_density_head_is_the_mahalanobis_distance_of_its_own_gaussian() -> None:
+    """Rebuild one position's Gaussian in numpy from the head's embedding and PCA basis, compare the distances."""
+    train = _feats(40)
+    head = DensityHead(CH, SIZE, dims=6).fit(train, shrink=0.01)
+    basis, center = head.basis.double().numpy(), head.center.double().numpy()  # (d, C), (C, 1)
+    y = np.einsum("dc,ncp->ndp", basis, head.embed(*train).double().numpy() - center)  # (N, d, P)
+    test = _feats(4, seed=3)
+    got = head(*test).flatten(1).double().numpy()  # (B, P)
+    yt = np.einsum("dc,bcp->bdp", basis, head.embed(*test).double().numpy() - center)
+    for p in (0, 27, 63):
+        cov = np.cov(y[:, :, p].T)
+        cov += 0.01 * np.mean(np.diag(cov)) * np.eye(6)
+        diff = yt[:, :, p] - y[:, :, p].mean(0)
+        want = np.sqrt(np.einsum("bd,de,be->b", diff, np.linalg.inv(cov), diff))
+        np.testing.assert_allclose(got[:, p], want, rtol=1e-3)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (32, 48)])
+def test_paper_recipe_is_the_rd_formula(size: tuple[int, int]) -> None:
+    feats = _feats(2, size)
+    recon = _recon(feats)
+    want_map, want_score = _paper_formula(feats, recon, sigma=4.0)
+    dens = torch.rand(2, 1, size[0] // 8, size[1] // 8) * 100  # weight 0: must not change anything
+    for amap, score in (
+        AnomalyScorer(size, 4.0)(*feats, *recon),
+        AnomalyScorer(size, 4.0, PAPER_RECIPE)(*feats, *recon),
+        FusedScorer(size, 4.0, PAPER_RECIPE)(*feats, *recon, dens),
+        build_scoring(None, CH, size, 4.0)(feats, recon),
+    ):
+        assert amap.shape == (2, 1, *size) and score.shape == (2,)
+        np.testing.assert_allclose(amap[:, 0].numpy(), want_map, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(score.numpy(), want_score, rtol=1e-5, atol=1e-5)
+
+
+def test_topk_reduction_is_the_mean_of_the_top_one_percent() -> None:
+    feats = _feats(3)
+    recon = _recon(feats)
+    amap, score = AnomalyScorer(SIZE, 4.0, ScoreRecipe(reduction="topk"))(*feats, *recon)
+    flat = np.sort(amap.flatten(1).numpy(), axis=1)[:, ::-1]
+    k = round(0.01 * SIZE[0] * SIZE[1])  # 41 of 4096 pixels
+    np.testing.assert_allclose(score.numpy(), flat[:, :k].mean(axis=1), rtol=1e-6)
+    assert (score.numpy() < flat[:, 0]).all()  # not the max: the top-1% mean lies below it
+    paper = AnomalyScorer(SIZE, 4.0)(*feats, *recon)
+    torch.testing.assert_close(paper[0], amap)  # the reduction changes the score only
+
+
+def test_weights_standardisation_and_norm_follow_the_recipe() -> None:
+    train = _feats(20)
+    stats = ChannelStats(CH).fit(train)
+    feats = _feats(2, seed=4)
+    recon = _recon(feats)
+    recipe = ScoreRecipe(weights=(0.0, 1.0, 0.5), standardize=True, rd_norm=(0.2, 0.5))
+    amap, _ = AnomalyScorer(SIZE, 0.0, recipe, stats)(*feats, *recon)
+
+    def std(x: torch.Tensor, k: int) -> torch.Tensor:
+        return (x - train[k].mean((0, 2, 3), keepdim=True)) / train[k].std((0, 2, 3), keepdim=True)
+
+    z, zr = [std(f, k) for k, f in enumerate(feats)], [std(d, k) for k, d in enumerate(recon)]
+    up = [
+        F.interpolate((1 - F.cosine_similarity(a, b, dim=1)).unsqueeze(1), SIZE, mode="bilinear", align_corners=True)
+        for a, b in zip(z, zr, strict=True)
+    ]
+    torch.testing.assert_close(amap, (up[1] + 0.5 * up[2] - 0.2) / 0.5, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="standardize"):
+        AnomalyScorer(SIZE, 4.0, recipe)
+
+
+def _round_trip(state: dict) -> dict:
+    """Through ``torch.save`` / ``torch.load(weights_only=True)``, as a checkpoint stores it."""
+    buf = io.BytesIO()
+    torch.save({"scoring": state}, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)["scoring"]
+
+
+def test_scoring_state_round_trip_gives_identical_outputs() -> None:
+    train = _feats(30)
+    stats, density = ChannelStats(CH).fit(train), DensityHead(CH, SIZE, dims=8).fit(train)
+    feats = _feats(3, seed=9)
+    recon = _recon(feats)
+    fused = ScoreRecipe(
+        weights=(0.0, 1.0, 1.0),
+        standardize=True,
+        reduction="topk",
+        density_weight=0.5,
+        rd_norm=(0.3, 0.7),
+        density_norm=(2.5, 1.5),
+    )
+    plain = replace(fused, density_weight=0.0, rd_norm=(0.0, 1.0), density_norm=(0.0, 1.0))
+    for recipe in (fused, plain, PAPER_RECIPE):
+        info = {"signal": 0.9, "step": 3}
+        scoring = build_scoring(_round_trip(scoring_state(recipe, stats, density, info)), CH, SIZE, 4.0)
+        assert scoring.recipe == recipe and scoring.info == info
+        assert (scoring.density is not None) == recipe.uses_density
+        assert isinstance(scoring.scorer, FusedScorer) == recipe.uses_density
+        if recipe.uses_density:
+            want = FusedScorer(SIZE, 4.0, recipe, stats)(*feats, *recon, density(*feats))
+        else:
+            want = AnomalyScorer(SIZE, 4.0, recipe, stats if recipe.standardize else None)(*feats, *recon)
+        got = scoring(feats, recon)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), recipe.name()
+    state = scoring_state(plain, stats, density, {})
+    assert "density" not in state and "stats" in state  # only what the recipe needs is stored
+    assert set(scoring_state(PAPER_RECIPE, stats, density, {})) == {"recipe", "info"}
+
+
+def test_recipe_dict_round_trip_and_names() -> None:
+    r = ScoreRecipe(weights=(0.0, 0.0, 1.0), standardize=True, reduction="topk", density_weight=0.25)
+    assert ScoreRecipe.from_dict(r.to_dict()) == r
+    assert r.name() == "s[0,0,1] std top1% dens0.25"
+    assert PAPER_RECIPE.name() == "s[1,1,1] raw max" and not PAPER_RECIPE.uses_density

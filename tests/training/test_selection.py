@@ -1,0 +1,179 @@
+"""Selection: the fast linear evaluation of every candidate equals building that candidate's scorer and scoring.
+
+The selector upsamples and blurs each scale once and forms every candidate as a weighted sum; the bundle, evaluation
+and runtime use :func:`training.scoring.build_scoring` on the stored recipe instead. If the two disagree, the chosen
+recipe is not the one that is shipped. These tests score the same images both ways.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from training import selection
+from training.backbones import get_spec
+from training.build import load_model
+from training.data import discover
+from training.features import FeatureSet, feature_set, load_images
+from training.metrics import auroc
+from training.model import Student
+from training.scoring import (
+    AnomalyScorer,
+    ChannelStats,
+    DensityHead,
+    FusedScorer,
+    ScoreRecipe,
+    build_scoring,
+    reduce_map,
+    scoring_state,
+)
+from training.selection import Selector, candidates
+from training.synthetic import synthesize
+from training.train import from_unit_rgb, to_unit_rgb
+
+SIZE = (64, 64)
+SIGMA = 4.0
+
+
+@dataclass
+class Setup:
+    student: Student
+    stats: ChannelStats
+    density: DensityHead
+    good: FeatureSet
+    synth: FeatureSet
+    masks: np.ndarray
+    channels: tuple[int, int, int]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_run: Path, demo_category: Path) -> Setup:
+    """The trained tiny run's model; train/good for statistics and density, test/good as the validation images."""
+    model, cfg, _ = load_model(tiny_run)
+    spec = get_spec(cfg.model.backbone)
+    splits = discover(demo_category, need_test=True)
+    dev = torch.device("cpu")
+    train_np, _ = load_images(splits.train, SIZE, spec.mean, spec.std)
+    train = feature_set(model.teacher, train_np, dev)
+    good_np, _ = load_images([s for s in splits.test if s.label == 0][:4], SIZE, spec.mean, spec.std)
+    synth01, masks, _ = synthesize(to_unit_rgb(good_np, spec.mean, spec.std), per_image=2, seed=0)
+    return Setup(
+        model.student().eval(),
+        ChannelStats(spec.channels).fit(train.feats),
+        DensityHead(spec.channels, SIZE, dims=16).fit(train.feats),
+        feature_set(model.teacher, good_np, dev),
+        feature_set(model.teacher, from_unit_rgb(synth01, spec.mean, spec.std), dev),
+        masks,
+        spec.channels,
+    )
+
+
+def _record_fast_path(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Capture the selector's own ``(map, scores)`` of every candidate, in candidate order."""
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def recording(amap: torch.Tensor, reduction: str, topk: float) -> torch.Tensor:
+        scores = reduce_map(amap, reduction, topk)
+        seen.append((amap.clone(), scores.clone()))
+        return scores
+
+    monkeypatch.setattr(selection, "reduce_map", recording)
+    return seen
+
+
+def _scorer_path(s: Setup, recipe: ScoreRecipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """Good then synthetic images through the scoring a checkpoint would store for ``recipe``."""
+    scoring = build_scoring(scoring_state(recipe, s.stats, s.density, {}), s.channels, SIZE, SIGMA)
+    maps, scores = [], []
+    with torch.no_grad():
+        for fs in (s.good, s.synth):
+            amap, score = scoring(fs.feats, s.student(*fs.feats))
+            maps.append(amap)
+            scores.append(score)
+    return torch.cat(maps), torch.cat(scores)
+
+
+def _good_norm(x: torch.Tensor) -> tuple[float, float]:
+    """``(median, q99 - median)`` of good pixels, independently in numpy (linear interpolation, as torch)."""
+    med, q99 = np.quantile(x.double().numpy().ravel(), [0.5, 0.99])
+    return float(med), float(q99 - med)
+
+
+def _norms(s: Setup, cand: ScoreRecipe) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The fusion norms of a candidate from scorer-path maps of the good images (blurred RD map, blurred density)."""
+    rd = AnomalyScorer(SIZE, SIGMA, replace(cand, density_weight=0.0), s.stats)
+    dens_only = FusedScorer(SIZE, SIGMA, replace(cand, density_weight=1.0), s.stats)
+    with torch.no_grad():
+        recon = s.student(*s.good.feats)
+        rd_map = rd(*s.good.feats, *recon)[0]
+        dens_map = dens_only(*s.good.feats, *recon, s.density(*s.good.feats))[0]
+    return _good_norm(rd_map), _good_norm(dens_map)
+
+
+def test_fast_evaluation_equals_the_built_scorer_for_every_candidate(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sel = Selector(setup.good, setup.synth, setup.masks, SIZE, SIGMA, setup.stats, setup.density)
+    seen = _record_fast_path(monkeypatch)
+    ev = sel.evaluate(setup.student)
+    assert len(seen) == len(sel.cands) == len(ev.results) == 48
+    labels = np.r_[np.zeros(len(setup.good)), np.ones(len(setup.synth))]
+    for cand, (fast_map, fast_scores), result in zip(sel.cands, seen, ev.results, strict=True):
+        recipe = cand
+        if cand.uses_density:
+            rd_norm, density_norm = _norms(setup, cand)
+            recipe = replace(cand, rd_norm=rd_norm, density_norm=density_norm)
+        amap, scores = _scorer_path(setup, recipe)
+        scale = float(amap.abs().max())
+        torch.testing.assert_close(fast_map, amap, rtol=1e-4, atol=1e-4 * scale, msg=cand.name())
+        torch.testing.assert_close(fast_scores, scores, rtol=1e-4, atol=1e-6 * scale, msg=cand.name())
+        assert result["recipe"] == cand.name()
+        assert result["image_auroc"] == pytest.approx(auroc(scores.numpy(), labels), abs=1e-9), cand.name()
+
+
+def test_chosen_recipe_carries_the_norms_and_scores_as_evaluated(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    sel = Selector(setup.good, setup.synth, setup.masks, SIZE, SIGMA, setup.stats, setup.density)
+    seen = _record_fast_path(monkeypatch)
+    ev = sel.evaluate(setup.student)
+    signals = [r["signal"] for r in ev.results]
+    i = int(np.argmax(signals))  # the first of the best: ties go to the simpler candidate
+    assert ev.best_signal == signals[i] and ev.best.name() == ev.results[i]["recipe"]
+    assert replace(ev.best, rd_norm=(0.0, 1.0), density_norm=(0.0, 1.0)) == sel.cands[i]
+    if ev.best.uses_density:
+        rd_norm, density_norm = _norms(setup, sel.cands[i])
+        np.testing.assert_allclose(ev.best.rd_norm, rd_norm, rtol=1e-4)
+        np.testing.assert_allclose(ev.best.density_norm, density_norm, rtol=1e-4)
+    _, scores = _scorer_path(setup, ev.best)  # exactly what the checkpoint's "scoring" rebuilds
+    torch.testing.assert_close(seen[i][1], scores, rtol=1e-4, atol=1e-7)
+
+
+def test_a_fused_recipe_is_consistent_when_pinned(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even where a fused recipe does not win on its own, the pinned one must score as shipped."""
+    pin: dict[str, Any] = {"weights": (1.0, 1.0, 1.0), "standardize": True, "reduction": "topk", "density_weight": 0.5}
+    sel = Selector(setup.good, setup.synth, setup.masks, SIZE, SIGMA, setup.stats, setup.density, pin)
+    seen = _record_fast_path(monkeypatch)
+    ev = sel.evaluate(setup.student)
+    assert len(sel.cands) == 1 and ev.best.density_weight == 0.5 and ev.best.rd_norm != (0.0, 1.0)
+    _, scores = _scorer_path(setup, ev.best)
+    torch.testing.assert_close(seen[0][1], scores, rtol=1e-4, atol=1e-7)
+
+
+def test_candidates_and_pins() -> None:
+    assert len(candidates(False)) == 12 and len(candidates(True)) == 48
+    assert candidates(True)[0] == ScoreRecipe()  # the simplest first: the paper's recipe
+    assert not any(c.uses_density for c in candidates(False))
+    paper = candidates(True, {"weights": [1, 1, 1], "standardize": False, "reduction": "max", "density_weight": 0})
+    assert paper == [ScoreRecipe()]
+    assert {c.density_weight for c in candidates(True, {"standardize": True, "reduction": None})} == {
+        0.0,
+        0.25,
+        0.5,
+        0.75,
+    }
+    with pytest.raises(ValueError, match="no candidate recipe matches"):
+        candidates(False, {"density_weight": 0.5})
