@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from training.errors import ConfigError
 from training.objective_config import ExtraConfig
@@ -62,6 +62,11 @@ class PinConfig(_Strict):
     density_weight: float | None = Field(None, ge=0.0, lt=1.0, description="share of the density map (0: RD only)")
 
 
+#: What the selection can choose from (training/selection.py keeps its candidate grid in step with these).
+SCALE_SETS = ((1.0, 1.0, 1.0), (0.0, 1.0, 1.0), (0.0, 0.0, 1.0))
+DENSITY_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
+
+
 class SelectionConfig(_Strict):
     """Checkpoint and scoring choice by synthetic defects on the held-out good images (never the test set)."""
 
@@ -70,6 +75,20 @@ class SelectionConfig(_Strict):
     density: bool = Field(True, description="fit the per-position Gaussian density head (fusion candidates)")
     density_dims: int = Field(64, ge=4, le=1024, description="PCA dimensions of the density head")
     pin: PinConfig = Field(default_factory=PinConfig, description="scoring settings fixed instead of chosen")
+
+    @model_validator(mode="after")
+    def _pin_is_a_candidate(self) -> SelectionConfig:
+        pin = self.pin
+        if pin.weights is not None and tuple(float(w) for w in pin.weights) not in SCALE_SETS:
+            raise ValueError(f"pin.weights must be one of {[list(w) for w in SCALE_SETS]} (got {list(pin.weights)})")
+        if pin.density_weight is not None:
+            if pin.density_weight not in DENSITY_WEIGHTS:
+                raise ValueError(
+                    f"pin.density_weight must be one of {list(DENSITY_WEIGHTS)} (got {pin.density_weight})"
+                )
+            if pin.density_weight > 0 and not self.density:
+                raise ValueError("pin.density_weight > 0 needs density: true (the density head)")
+        return self
 
 
 class TrainConfig(_Strict):

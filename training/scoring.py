@@ -21,6 +21,7 @@ and no normalisation this is exactly the RD paper's map.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -184,25 +185,34 @@ class DensityHead(nn.Module):
         return dist.transpose(0, 1).reshape(-1, 1, *self.grid)
 
     @torch.no_grad()
-    def fit(self, feats: list[Tensor], batch: int = 32, shrink: float = 0.01) -> DensityHead:
-        """Fit on training features (per scale ``(N, C_k, h, w)``).
+    def fit(self, feats: list[Tensor], batch: int = 8, shrink: float = 0.01) -> DensityHead:
+        """Fit on training features (per scale ``(N, C_k, h, w)``), streaming: memory is one batch of embeddings
+        plus ``C x C`` and ``N x dims x P`` accumulators, whatever the teacher's width.
 
         Args:
-            feats: the training images' teacher features.
+            feats: the training images' teacher features (RAM or memmap).
             batch: images embedded at a time.
             shrink: covariance shrinkage ``Sigma + shrink * mean_eigenvalue * I`` (PaDiM adds 0.01 I).
         """
         n = feats[0].shape[0]
-        emb = torch.cat(
-            [self.embed(*(f[i : i + batch].float() for f in feats)) for i in range(0, n, batch)]
-        )  # (N, C, P)
-        c = emb.shape[1]
-        flat = emb.permute(0, 2, 1).reshape(-1, c).double()
-        center = flat.mean(0)
-        cov = torch.cov((flat - center).T)
+
+        def chunks() -> Iterator[Tensor]:
+            for i in range(0, n, batch):
+                yield self.embed(*(f[i : i + batch].float() for f in feats))  # (b, C, P)
+
+        c = sum(int(f.shape[1]) for f in feats)
+        total, s1, s2 = 0, torch.zeros(c, dtype=torch.float64), torch.zeros(c, c, dtype=torch.float64)
+        for e in chunks():  # global mean and covariance of the position vectors, for the PCA
+            flat = e.permute(0, 2, 1).reshape(-1, c).double()
+            total += flat.shape[0]
+            s1 += flat.sum(0)
+            s2 += flat.T @ flat
+        center = s1 / total
+        cov = (s2 - total * torch.outer(center, center)) / max(total - 1, 1)
         _, vecs = torch.linalg.eigh(cov)  # ascending
-        basis = vecs[:, -self.dims :].flip(1).T  # (d, C), largest variance first
-        y = torch.einsum("dc,ncp->ndp", basis, emb.double() - center.view(1, c, 1))  # (N, d, P)
+        basis = vecs[:, -self.dims :].flip(1).T.float()  # (d, C), largest variance first
+        center32 = center.float().view(1, c, 1)
+        y = torch.cat([torch.matmul(basis, e - center32) for e in chunks()]).double()  # (N, d, P)
         mu = y.mean(0)  # (d, P)
         yc = (y - mu).permute(2, 0, 1)  # (P, N, d)
         sig = torch.einsum("pnd,pne->pde", yc, yc) / max(n - 1, 1)
@@ -212,7 +222,7 @@ class DensityHead(nn.Module):
         prec = 0.5 * (prec + prec.transpose(1, 2))
         chol = torch.linalg.cholesky(prec)
         self.center.copy_(center.view(c, 1).float())
-        self.basis.copy_(basis.float())
+        self.basis.copy_(basis)
         self.mean.copy_(mu.float())
         self.chol.copy_(chol.float())
         return self

@@ -24,14 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from training.config import DENSITY_WEIGHTS, SCALE_SETS  # the config validates pins against them
+from training.errors import ConfigError
 from training.features import FeatureSet
 from training.metrics import auroc
 from training.scoring import Blur, ChannelStats, DensityHead, ScoreRecipe, cosine_maps, reduce_map
 
 log = logging.getLogger(__name__)
-
-SCALE_SETS: tuple[tuple[float, float, float], ...] = ((1.0, 1.0, 1.0), (0.0, 1.0, 1.0), (0.0, 0.0, 1.0))
-DENSITY_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
 
 
 def candidates(with_density: bool, pin: dict[str, Any] | None = None) -> list[ScoreRecipe]:
@@ -50,7 +49,7 @@ def candidates(with_density: bool, pin: dict[str, Any] | None = None) -> list[Sc
         pinned = {k: (tuple(float(x) for x in v) if k == "weights" else v) for k, v in pin.items() if v is not None}
         out = [c for c in out if all(getattr(c, k) == v for k, v in pinned.items())]
         if not out:
-            raise ValueError(f"no candidate recipe matches the pinned settings {pinned}")
+            raise ConfigError(f"selection.pin: no candidate recipe matches the pinned settings {pinned}")
     return out
 
 

@@ -118,13 +118,11 @@ def test_mask_of_the_wrong_size_is_an_error_naming_it(tiny_run: Path, demo_categ
         evaluate(_copy_best(tiny_run, tmp_path / "run"), cat, show_progress=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a pinned scoring value no candidate has (selection.pin.density_weight 0.3, or any density pin with "
-    "selection.density false) passes config validation; fit fails later, after the feature cache, with a bare "
-    "ValueError (a traceback from the CLI) instead of a ConfigError naming the field",
-)
 def test_unsatisfiable_pin_is_a_config_error(demo_category: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="selection.pin.density_weight"):
-        cfg = load_train_config(None, {**PLAIN, "selection.pin.density_weight": 0.3, "optim.steps": 1})
-        fit(cfg, demo_category, tmp_path, show_progress=False)
+    """Caught when the config is read, before any image is decoded, naming the field."""
+    with pytest.raises(ConfigError, match=r"pin\.density_weight must be one of \[0\.0, 0\.25, 0\.5, 0\.75\]"):
+        load_train_config(None, {**PLAIN, "selection.pin.density_weight": 0.3, "optim.steps": 1})
+    with pytest.raises(ConfigError, match="needs density: true"):
+        load_train_config(None, {"selection.density": False, "selection.pin.density_weight": 0.5})
+    with pytest.raises(ConfigError, match="pin.weights must be one of"):
+        load_train_config(None, {"selection.pin.weights": [1.0, 0.0, 0.0]})

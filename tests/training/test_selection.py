@@ -19,6 +19,7 @@ from training import selection
 from training.backbones import get_spec
 from training.build import load_model
 from training.data import discover
+from training.errors import ConfigError
 from training.features import FeatureSet, feature_set, load_images
 from training.metrics import auroc
 from training.model import Student
@@ -175,5 +176,5 @@ def test_candidates_and_pins() -> None:
         0.5,
         0.75,
     }
-    with pytest.raises(ValueError, match="no candidate recipe matches"):
+    with pytest.raises(ConfigError, match="no candidate recipe matches"):
         candidates(False, {"density_weight": 0.5})
