@@ -79,7 +79,7 @@ def test_refused_verdicts_are_dead_lettered_logged_once_and_replayed_after_acl_f
     assert wait_until(lambda: len(_spool_rows(spool, "dead_letter")) >= 5, 20), rt.log()[-3000:]
     assert results(col) == []
     assert {t for _s, t in _spool_rows(spool, "dead_letter")} == {"t/dev1/cam1/result"}
-    assert col.wait_for(lambda: any(json.loads(p)["spool"]["dead_letter"] >= 1 for p in col.on("t/dev1/stats")), 10)
+    assert col.wait_for(lambda: any(json.loads(p)["spool"]["dead_letter"] >= 1 for p in col.on("t/dev1/stats")), 30)
     stats = json.loads(col.on("t/dev1/stats")[-1])
     assert stats["mqtt"]["refused_topics"] == {"t/dev1/cam1/result": "Not authorized (reason code 135)"}
     assert stats["spool"]["verdicts_fit"] > 0 and stats["spool"]["free_bytes"] > 0
