@@ -71,7 +71,10 @@ def test_refused_verdicts_are_dead_lettered_logged_once_and_replayed_after_acl_f
     folder = make_folder(tmp_path / "imgs", 5)
     cams = [{"name": "cam1", "source": {"kind": "folder", "path": str(folder), "loop": True}, "max_fps": 10}]
     spool = tmp_path / "spool.db"
-    cfg = write_config(tmp_path / "c.yaml", tiny_bundle, broker, spool, cams, refused_probe_s=1.0)
+    # each refused probe makes mosquitto drop the connection: 2.5 s between probes leaves windows for stats
+    cfg = write_config(
+        tmp_path / "c.yaml", tiny_bundle, broker, spool, cams, refused_probe_s=2.5
+    )  # connected windows for stats
     rt = Runtime(cfg, tmp_path / "rt.log")
     runtimes.append(rt)
 
