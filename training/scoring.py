@@ -244,11 +244,15 @@ def cosine_maps(
 
 
 def reduce_map(amap: Tensor, reduction: str, topk: float) -> Tensor:
-    """``(B, 1, H, W)`` -> ``(B,)``: max, or mean of the top ``topk`` fraction of pixels."""
+    """``(B, 1, H, W)`` -> ``(B,)``: max, or mean of the top ``topk`` fraction of pixels.
+
+    ``k`` comes from the map's static size (Python ints, so the ONNX exporter writes a constant ``TopK``).
+    """
     flat = amap.flatten(1)
     if reduction == "max":
         return flat.amax(dim=1)
-    k = max(1, int(round(topk * flat.shape[1])))
+    n_pixels = int(amap.shape[-2]) * int(amap.shape[-1])
+    k = max(1, int(round(topk * n_pixels)))
     return torch.topk(flat, k, dim=1).values.mean(dim=1)
 
 
@@ -283,9 +287,10 @@ class AnomalyScorer(nn.Module):
         r = self.recipe
         maps = cosine_maps([f1, f2, f3], [d1, d2, d3], self.stats, r.standardize)
         amap = torch.zeros(f1.shape[0], 1, *self.image_size, device=f1.device, dtype=torch.float32)
+        # Every scale is computed even at weight 0, so the exported score part keeps all six inputs of the part
+        # contract (the ONNX exporter drops inputs nothing uses); the cost is one small upsample.
         for w, m in zip(r.weights, maps, strict=True):
-            if w != 0:
-                amap = amap + w * F.interpolate(m, size=self.image_size, mode="bilinear", align_corners=True)
+            amap = amap + w * F.interpolate(m, size=self.image_size, mode="bilinear", align_corners=True)
         loc, scale = r.rd_norm
         if (loc, scale) != (0.0, 1.0):
             amap = (amap - loc) / scale

@@ -19,7 +19,7 @@ def build_tiny_run(base: Path, density: bool = False) -> tuple[Path, Path]:
     """``(run_dir, category)``: train once per session (cached under ``base``).
 
     ``density=False`` keeps the plain five-part chain (no density candidates); ``density=True`` pins a fused recipe
-    (density weight 0.5) so the bundle has the ``density`` part.
+    (density weight 0.5, stride-16 map alone, top-1% score) so the bundle has the ``density`` part and unused scale inputs.
     """
     import torch
 
@@ -43,6 +43,9 @@ def build_tiny_run(base: Path, density: bool = False) -> tuple[Path, Path]:
         }
         if density:
             overrides["selection.pin.density_weight"] = 0.5
+            # s16 alone: the score part must still take d1 and d2 (the exporter drops unused inputs)
+            overrides["selection.pin.weights"] = [0.0, 0.0, 1.0]
+            overrides["selection.pin.reduction"] = "topk"  # a constant TopK in the score graph
         fit(load_train_config(None, overrides), category, run, show_progress=False)
     return run, category
 

@@ -19,10 +19,10 @@ def test_density_bundle_has_the_part_and_its_recipe(density_bundle: Path) -> Non
     m = load_manifest(density_bundle)
     assert [p.name for p in m.parts] == list(CHAIN_WITH_DENSITY)
     score = m.part("score")
-    assert [t.name for t in score.inputs][-1] == "density_map"
+    assert [t.name for t in score.inputs] == ["f1", "f2", "f3", "d1", "d2", "d3", "density_map"]
     dens = m.part("density")
     assert dens.outputs[0].name == "density_map" and dens.outputs[0].shape[1:] == [1, 8, 8]  # 64 px / 8
-    assert "dens0.5" in str(m.extra["scoring.recipe"])
+    assert m.extra["scoring.recipe"] == "s[0,0,1] raw top1% dens0.5"
     assert m.parity["density_max_rel"] < 1e-4 and m.parity["calib_score_max_rel"] < 1e-4
     assert "density.fp16.onnx" not in m.files  # distances stay FP32
 
