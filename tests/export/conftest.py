@@ -19,7 +19,8 @@ def build_tiny_run(base: Path, density: bool = False) -> tuple[Path, Path]:
     """``(run_dir, category)``: train once per session (cached under ``base``).
 
     ``density=False`` keeps the plain five-part chain (no density candidates); ``density=True`` pins a fused recipe
-    (density weight 0.5, stride-16 map alone, top-1% score) so the bundle has the ``density`` part and unused scale inputs.
+    (density weight 0.5, stride-16 map alone, top-1% score) so the bundle has the ``density`` part, unused scale
+    inputs and a TopK.
     """
     import torch
 
