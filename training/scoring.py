@@ -20,7 +20,6 @@ and no normalisation this is exactly the RD paper's map.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -371,7 +370,3 @@ def scoring_state(
         state["density"] = {k: v.detach().cpu() for k, v in density.state_dict().items()}
         state["density_dims"] = density.dims
     return state
-
-
-def finite_or(x: float, default: float) -> float:
-    return x if math.isfinite(x) else default

@@ -74,9 +74,6 @@ class Evaluation:
     best: ScoreRecipe
     best_signal: float
 
-    def summary(self) -> dict[str, Any]:
-        return {"best": self.best.name(), "signal": self.best_signal}
-
 
 class Selector:
     """Scores a student on the validation good images and their synthetic defects under every candidate.
@@ -152,14 +149,18 @@ class Selector:
         results: list[dict[str, Any]] = []
         best, best_signal = self.cands[0], -1.0
         dnorm = _norm(self.density_maps[:n_good]) if self.density_maps is not None else (0.0, 1.0)
+        rd_maps: dict[tuple[tuple[float, float, float], bool], tuple[Tensor, tuple[float, float]]] = {}
         for cand in self.cands:
-            rd = sum(w * m for w, m in zip(cand.weights, maps[cand.standardize], strict=True) if w != 0)
-            assert isinstance(rd, Tensor)
+            key = (cand.weights, cand.standardize)
+            if key not in rd_maps:  # shared by the reductions and density weights of the same scales / features
+                rd = sum(w * m for w, m in zip(cand.weights, maps[cand.standardize], strict=True) if w != 0)
+                assert isinstance(rd, Tensor)
+                rd_maps[key] = (rd, _norm(rd[:n_good]) if self.density_maps is not None else (0.0, 1.0))
+            rd, rnorm = rd_maps[key]
             recipe = cand
             amap = rd
             if cand.uses_density:
                 assert self.density_maps is not None
-                rnorm = _norm(rd[:n_good])
                 a = cand.density_weight
                 amap = (1 - a) * (rd - rnorm[0]) / rnorm[1] + a * (self.density_maps - dnorm[0]) / dnorm[1]
                 recipe = replace(cand, rd_norm=rnorm, density_norm=dnorm)

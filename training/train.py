@@ -444,13 +444,6 @@ def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return out
 
 
-def _norm(cfg: TrainConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    from training.backbones import get_spec
-
-    spec = get_spec(cfg.model.backbone)
-    return spec.mean, spec.std
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m training.train`` (used by torchrun): the same arguments as ``rdedge train``."""
     from training.cli import train_command, train_parser
