@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from training.data import Sample, preprocess, read_image, read_mask, resize_mask
+from training.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,37 @@ def load_images(
         if masks is not None and s.mask is not None:
             masks[i] = resize_mask(read_mask(s.mask, bgr.shape[:2]), size)
     return out, masks
+
+
+def load_readable(
+    samples: list[Sample],
+    size: tuple[int, int],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    show_progress: bool = False,
+    desc: str = "decoding",
+) -> tuple[np.ndarray, list[Sample], list[Path]]:
+    """Training's decode: each image read once; an unreadable one is skipped with a warning and counted.
+
+    Returns:
+        ``(images (N_kept, 3, H, W) float32, kept samples, skipped paths)``; DataError if nothing is readable.
+    """
+    from tqdm import tqdm
+
+    arrays, kept, skipped = [], [], []
+    for s in tqdm(samples, desc=desc, unit="img", disable=not show_progress, leave=False):
+        try:
+            arrays.append(preprocess(read_image(s.path), size, mean, std))
+        except DataError:
+            log.warning("skipping unreadable training image: %s", s.path)
+            skipped.append(s.path)
+            continue
+        kept.append(s)
+    if skipped:
+        log.warning("skipped %d unreadable image(s) of %d", len(skipped), len(samples))
+    if not kept:
+        raise DataError("no readable images left (all were skipped)")
+    return np.stack(arrays), kept, skipped
 
 
 @torch.no_grad()

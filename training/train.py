@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from training.build import build_model
 from training.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from training.config import TrainConfig
-from training.data import ImageDataset, discover
+from training.data import discover
 from training.errors import CheckpointError, ConfigError
 from training.features import FeatureSet
 from training.loss import flattened_cosine_loss
@@ -166,7 +166,7 @@ def fit(
     from tqdm import tqdm
 
     from training.backbones import get_spec
-    from training.features import feature_set, load_images
+    from training.features import feature_set, load_readable
     from training.scoring import PAPER_RECIPE, ChannelStats, DensityHead, scoring_state
     from training.selection import Selector
     from training.synthetic import synthesize
@@ -187,10 +187,10 @@ def fit(
     spec = get_spec(cfg.model.backbone)
     model = build_model(cfg).to(device)
     mean, std = spec.mean, spec.std
-    train_samples = ImageDataset(splits.train, size, mean, std, skip_unreadable=True)
-    val_samples = ImageDataset(splits.val, size, mean, std, skip_unreadable=True).samples if splits.val else []
     t_cache = time.perf_counter()
-    train_np, _ = load_images(train_samples.samples, size, mean, std, show_progress=progress, desc="decoding train")
+    train_np, train_samples, skipped = load_readable(
+        splits.train, size, mean, std, show_progress=progress, desc="decoding train"
+    )
     train_fs = feature_set(
         model.teacher,
         train_np,
@@ -204,10 +204,11 @@ def fit(
     selector: Selector | None = None
     density: DensityHead | None = None
     good_fs = None
-    if val_samples:
+    val_samples: list[Any] = []
+    if splits.val:
         if cfg.selection.density:
             density = DensityHead(spec.channels, size, cfg.selection.density_dims).fit(train_fs.feats)
-        val_np, _ = load_images(val_samples, size, mean, std, desc="decoding validation")
+        val_np, val_samples, _ = load_readable(splits.val, size, mean, std, desc="decoding validation")
         synth01, synth_masks, kinds = synthesize(
             to_unit_rgb(val_np, mean, std), cfg.selection.synthetic_per_image, cfg.seed
         )
@@ -270,7 +271,7 @@ def fit(
         history = list(ckpt.get("history", []))
         log.info("resuming from step %d (best signal %.4f at step %d)", start_step, best_signal, best_step)
 
-    split_record = {"train": [str(s.path) for s in train_samples.samples], "val": [str(s.path) for s in splits.val]}
+    split_record = {"train": [str(s.path) for s in train_samples], "val": [str(s.path) for s in splits.val]}
     if dinfo.is_main:
         (out / "split.json").write_text(json.dumps(split_record, indent=1))
         (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
@@ -281,7 +282,7 @@ def fit(
             cfg.model.backbone,
             n_train,
             len(val_samples),
-            len(train_samples.skipped),
+            len(skipped),
             *size,
             cfg.optim.batch_size,
             total_steps,

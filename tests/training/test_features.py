@@ -40,3 +40,23 @@ def test_feature_set_batches_and_images(tmp_path: Path, demo_category: Path) -> 
     assert len(fs) == 3 and [tuple(f.shape[1:]) for f in fs.feats] == [(24, 16, 16), (40, 8, 8), (112, 4, 4)]
     x, feats = fs.batch(torch.tensor([2, 0]))
     assert torch.equal(x[1], torch.from_numpy(imgs[0])) and torch.equal(feats[0][0], fs.feats[0][2])
+
+
+def test_load_readable_skips_and_counts_unreadable_images(tmp_path: Path, demo_category: Path) -> None:
+    import shutil
+
+    import pytest
+
+    from training.data import Sample
+    from training.errors import DataError
+    from training.features import load_readable
+
+    good = sorted((demo_category / "train" / "good").glob("*.png"))[:3]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    shutil.copy(good[0], tmp_path / "ok.png")
+    samples = [Sample(good[0]), Sample(broken), Sample(good[1])]
+    x, kept, skipped = load_readable(samples, (32, 32), (0.5,) * 3, (0.5,) * 3)
+    assert x.shape == (2, 3, 32, 32) and [s.path for s in kept] == [good[0], good[1]] and skipped == [broken]
+    with pytest.raises(DataError, match="no readable images"):
+        load_readable([Sample(broken)], (32, 32), (0.5,) * 3, (0.5,) * 3)
