@@ -156,9 +156,11 @@ def _torch_chain(model: Any, scoring: Any, x: np.ndarray) -> dict[str, np.ndarra
         p = model.projection(*f)
         z = model.ocbe(*p)
         d = model.decoder(z)
-        if scoring.density is not None:
+        if scoring.density is not None:  # computed once: it is a tensor of the chain and an input of the score
             t["density_map"] = scoring.density(*f)
-        amap, score = scoring(f, d)
+            amap, score = scoring.scorer(*f, *d, t["density_map"])
+        else:
+            amap, score = scoring.scorer(*f, *d)
         t.update(zip(("f1", "f2", "f3"), f, strict=True))
         t.update(zip(("p1", "p2", "p3"), p, strict=True))
         t["z"] = z
