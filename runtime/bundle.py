@@ -10,6 +10,7 @@ A bundle is a directory::
     density.onnx         f1, f2, f3 -> density_map (B,1,H/8,W/8)   (optional: per-position Gaussian, FP32)
     score.onnx           f1, f2, f3, d1, d2, d3 [, density_map] -> anomaly_map (B,1,H,W), score (B,)   (FP32)
     model.onnx           optional fused graph image -> anomaly_map, score
+    classifier.onnx      optional (``rdedge label-tune``): image, anomaly_map, score -> probability (B,)  (FP32)
     engines/*.engine     optional TensorRT engines, keyed by TensorRT version, GPU name and ONNX sha256
     calib.npy            optional: a few calibration frames, uint8 BGR (N, H, W, 3), with their scores in the manifest
     manifest.sig         optional ed25519 signature over manifest.json's bytes (``runtime.signing``)
@@ -121,6 +122,25 @@ class CalibrationSpec(_Strict):
     source: str = Field(..., description="which images, e.g. 'validation split: 4 of 25 spread over the scores'")
 
 
+class ClassifierSpec(_Strict):
+    """An optional classifier fitted on a few labelled images (``rdedge label-tune``) and the decision rule it sets.
+
+    The part runs after the chain (or the fused graph) on onnxruntime: it reads the preprocessed ``image`` and the
+    chain's ``anomaly_map`` and ``score`` and gives ``probability`` ``(B,)``, the calibrated probability of a defect.
+    """
+
+    part: PartSpec = Field(..., description="the ONNX graph: image, anomaly_map, score -> probability")
+    decision: Literal["classifier", "either"] = Field(
+        ..., description="classifier: NG iff probability >= probability_threshold; either: that or score >= threshold"
+    )
+    probability_threshold: float = Field(0.5, gt=0.0, lt=1.0, description="NG when probability >= this")
+    rule: str = Field(..., description="the decision rule in words, as the verdicts apply it")
+    model: str = Field(..., description="what was fitted, e.g. 'logistic regression (C=0.1), Platt-calibrated'")
+    features: str = Field(..., description="what the classifier reads")
+    source: str = Field(..., description="which labelled images fitted it (folder, counts per class)")
+    stats: dict[str, float] = Field(default_factory=dict, description="cross-validated figures on those images")
+
+
 class Manifest(_Strict):
     """``manifest.json``."""
 
@@ -139,6 +159,7 @@ class Manifest(_Strict):
     versions: dict[str, str] = Field(default_factory=dict, description="rdedge, torch, onnx, onnxruntime, tensorrt")
     extra: dict[str, str | float | int | bool] = Field(default_factory=dict, description="free-form metadata")
     calibration: CalibrationSpec | None = Field(None, description="frames + scores for the load-time check")
+    classifier: ClassifierSpec | None = Field(None, description="optional labelled-defect classifier and its rule")
 
     @model_validator(mode="after")
     def _chain_complete(self) -> Manifest:
@@ -148,6 +169,7 @@ class Manifest(_Strict):
         specs: list[PartSpec | EngineSpec | CalibrationSpec] = [
             *self.parts,
             *([self.fused] if self.fused else []),
+            *([self.classifier.part] if self.classifier else []),
             *self.engines,
             *([self.calibration] if self.calibration else []),
         ]

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 
@@ -63,14 +64,18 @@ class Prediction:
         score: image anomaly score (max of the smoothed map), model units; NG when ``>= threshold``.
         anomaly_map: ``(H, W)`` float32 per-pixel anomaly at the model's input resolution (of the ROI if any).
         is_ng: ``score >= threshold``.
-        timings_ms: ``"preprocess"``, one key per backend stage (part names, ``"fused"`` or ``"cuda_graph"``) and
-            ``"total"`` (preprocess + inference + host copies), in milliseconds.
+        timings_ms: ``"preprocess"``, one key per backend stage (part names, ``"fused"`` or ``"cuda_graph"``),
+            ``"classifier"`` when the bundle has one, and ``"total"`` (preprocess + inference + host copies), in
+            milliseconds.
+        probability: the bundle's classifier's calibrated defect probability in [0, 1] (``rdedge label-tune``), or
+            ``None`` without one. With a classifier ``is_ng`` follows ``manifest.classifier.decision``.
     """
 
     score: float
     anomaly_map: np.ndarray = field(repr=False)
     is_ng: bool
     timings_ms: dict[str, float]
+    probability: float | None = None
 
 
 class AnomalyModel:
@@ -101,6 +106,7 @@ class AnomalyModel:
         trusted_keys: Sequence[PublicKey | str | Path] | None = None,
     ) -> None:
         self.bundle_dir = Path(bundle_dir)
+        self._classifier: Any | None = None
         keys = [k if isinstance(k, PublicKey) else load_public_key(k) for k in trusted_keys or ()]
         self._manifest = load_manifest(self.bundle_dir, verify=verify, trusted_keys=keys)
         self._threshold = float(threshold) if threshold is not None else self._manifest.threshold.value
@@ -108,6 +114,11 @@ class AnomalyModel:
         self._input_name = self._manifest.input.name
         self._backend: Backend | None = create_backend(self.bundle_dir, self._manifest, backend)
         self.backend_config = backend
+        try:
+            self._classifier = _load_classifier(self.bundle_dir, self._manifest, backend.threads)
+        except BaseException:
+            self.close()
+            raise
         #: The calibration check's outcome; ``None`` when not run (``verify=False``, or no frames in the bundle).
         self.calibration: CalibrationCheck | None = None
         if verify:
@@ -167,9 +178,19 @@ class AnomalyModel:
         outputs, stage_ms = backend.run({self._input_name: x})
         score = float(outputs["score"][0])
         amap = np.ascontiguousarray(outputs["anomaly_map"][0, 0], dtype=np.float32)
+        is_ng = score >= self._threshold
+        probability: float | None = None
+        clf = self._manifest.classifier
+        if self._classifier is not None and clf is not None:
+            tc = time.perf_counter()
+            feed = {"image": x, "anomaly_map": outputs["anomaly_map"][:1], "score": outputs["score"][:1]}
+            probability = float(self._classifier.run(["probability"], feed)[0][0])
+            stage_ms = {**stage_ms, "classifier": (time.perf_counter() - tc) * 1e3}
+            by_clf = probability >= clf.probability_threshold
+            is_ng = (by_clf or is_ng) if clf.decision == "either" else by_clf
         t2 = time.perf_counter()
         timings = {"preprocess": (t1 - t0) * 1e3, **stage_ms, "total": (t2 - t0) * 1e3}
-        return Prediction(score=score, anomaly_map=amap, is_ng=score >= self._threshold, timings_ms=timings)
+        return Prediction(score=score, anomaly_map=amap, is_ng=is_ng, timings_ms=timings, probability=probability)
 
     def _check_calibration(self) -> None:
         """Score the bundle's calibration frames; raise :class:`BundleError` naming each frame whose score moved."""
@@ -224,6 +245,7 @@ class AnomalyModel:
 
     def close(self) -> None:
         """Release the backend. Idempotent."""
+        self._classifier = None
         if self._backend is not None:
             self._backend.close()
             self._backend = None
@@ -235,3 +257,30 @@ class AnomalyModel:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _load_classifier(bundle_dir: Path, manifest: Manifest, threads: int) -> Any | None:
+    """The classifier part's onnxruntime CPU session (whatever backend runs the chain), or ``None`` without one.
+
+    Raises:
+        MissingExtraError: onnxruntime (``rdedge[cpu]``) is missing.
+        BundleError: the graph does not load or its inputs/outputs differ from the manifest's part spec.
+    """
+    clf = manifest.classifier
+    if clf is None:
+        return None
+    from runtime.backends.onnxruntime import check_io, import_onnxruntime
+
+    ort = import_onnxruntime()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    path = bundle_dir / clf.part.file
+    try:
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+        raise BundleError(f"{path}: onnxruntime cannot load the classifier part: {exc}") from None
+    check_io(path, clf.part, sess)
+    logger.info("%s: classifier part %s (%s), decision %s", bundle_dir, clf.part.file, clf.model, clf.rule)
+    return sess

@@ -317,6 +317,8 @@ class Service:
             "verdict": verdict,
             "model_id": self.model.model_id,
         }
+        if pred.probability is not None:  # the bundle's label-tuned classifier (manifest.classifier.rule decides)
+            base["probability"] = round(pred.probability, 6)
         if trigger is not None:
             base["trigger_id"] = trigger.id
         if self.link is None:

@@ -72,7 +72,7 @@ class OnnxRuntimeBackend(Backend):
                 sess = ort.InferenceSession(str(path), opts, providers=providers)
             except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
                 raise BundleError(f"{path}: onnxruntime cannot load part {part.name!r}: {exc}") from None
-            _check_io(path, part, sess)
+            check_io(path, part, sess)
             self._parts.append((part, sess))
         self.stages = [p.name for p, _ in self._parts]
         self._closed = False
@@ -125,7 +125,7 @@ class OnnxRuntimeBackend(Backend):
         self._closed = True
 
 
-def _check_io(path: Path, part: PartSpec, sess: Any) -> None:
+def check_io(path: Path, part: PartSpec, sess: Any) -> None:
     """The session's input/output names must match the manifest's part spec."""
     got_in = sorted(i.name for i in sess.get_inputs())
     got_out = sorted(o.name for o in sess.get_outputs())
