@@ -194,6 +194,63 @@ class LoggingConfig(_Strict):
     json_lines: bool = Field(False, description="log one JSON object per line instead of text")
 
 
+class StationArchiveConfig(_Strict):
+    """The station's NG archive: NG and borderline frames with overlay, raw crop and metadata (docs/station.md)."""
+
+    dir: Path = Field(Path("/var/lib/rdedge/archive"), description="archive folder (one .jpg/.png/.json per frame)")
+    max_mb: float = Field(2048.0, gt=0, le=10_000_000, description="disk quota (MiB); the oldest frames go first")
+    queue_size: int = Field(16, ge=1, le=4096, description="frames waiting for the writer thread; more are dropped")
+    borderline_margin: float = Field(
+        0.1, ge=0, le=1, description="also archive OK frames scoring at least (1 - margin) * threshold"
+    )
+    good_dir: Path | None = Field(None, description="review 'false reject' copies the raw frame here (the good set)")
+    labelled_dir: Path | None = Field(
+        None, description="review copies the raw frame to <labelled_dir>/good or /defect (rdedge label-tune --labelled)"
+    )
+    jpeg_quality: int = Field(85, ge=10, le=100, description="overlay JPEG quality")
+
+
+class StationTlsConfig(_Strict):
+    """HTTPS for the station page (otherwise plain HTTP; keep it on loopback or behind a reverse proxy)."""
+
+    cert_file: Path = Field(..., description="PEM certificate (chain)")
+    key_file: Path = Field(..., description="PEM private key")
+
+
+class StationConfig(_Strict):
+    """The station page (``rdedge[ui]``): live view, counters, NG archive and review, threshold tool, /metrics."""
+
+    enabled: bool = Field(False, description="serve the station page from the service process")
+    host: str = Field("127.0.0.1", min_length=1, description="bind address; 0.0.0.0 exposes it to the network")
+    port: int = Field(8080, ge=1, le=65535, description="TCP port")
+    state_dir: Path = Field(
+        Path("/var/lib/rdedge/station"), description="users, audit log (SQLite) and the threshold override sidecar"
+    )
+    live_fps: float = Field(2.0, gt=0, le=10, description="JPEG-encode at most this many live frames/s per camera")
+    jpeg_quality: int = Field(75, ge=10, le=100, description="live view JPEG quality")
+    history: int = Field(5000, ge=10, le=1_000_000, description="recent scores per camera kept for the threshold tool")
+    shifts: list[str] = Field(
+        ["06:00", "14:00", "22:00"], min_length=1, description="local shift start times HH:MM (per-shift counters)"
+    )
+    session_ttl_s: float = Field(8 * 3600.0, gt=0, description="a login lasts this long")
+    login_max_failures: int = Field(5, ge=1, le=1000, description="failed logins per user or address per window")
+    login_window_s: float = Field(300.0, gt=0, description="login rate-limit window (s)")
+    max_request_kb: int = Field(64, ge=1, le=1_048_576, description="larger request bodies are refused (413)")
+    tls: StationTlsConfig | None = Field(None, description="serve HTTPS with this certificate")
+    archive: StationArchiveConfig = Field(default_factory=StationArchiveConfig, description="NG archive")
+
+    @field_validator("shifts")
+    @classmethod
+    def _hhmm(cls, shifts: list[str]) -> list[str]:
+        for s in shifts:
+            hh, _, mm = s.partition(":")
+            if not (len(hh) == 2 and len(mm) == 2 and hh.isdigit() and mm.isdigit() and int(hh) < 24 and int(mm) < 60):
+                raise ValueError(f"shift start {s!r} is not HH:MM (00:00 .. 23:59)")
+        if len(set(shifts)) != len(shifts):
+            raise ValueError("shift start times must be unique")
+        return sorted(shifts)
+
+
 class RuntimeConfig(_Strict):
     """Top level of ``/etc/rdedge/config.yaml``."""
 
@@ -204,6 +261,7 @@ class RuntimeConfig(_Strict):
     spool: SpoolConfig = Field(default_factory=SpoolConfig, description="at-least-once delivery spool")
     alerts: AlertsConfig = Field(default_factory=AlertsConfig, description="NG overlays")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="logging")
+    ui: StationConfig = Field(default_factory=StationConfig, description="station page (off by default)")
     threshold: float | None = Field(None, description="override the bundle's calibrated threshold (score units)")
     trusted_keys: list[Path] | None = Field(
         None,

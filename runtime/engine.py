@@ -151,6 +151,14 @@ class AnomalyModel:
         """NG threshold in score units: the override if given, else ``manifest.threshold.value``."""
         return self._threshold
 
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        """Change the threshold; set it between frames (the service does so on its scoring thread)."""
+        value = float(value)
+        if not value == value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"threshold must be finite, got {value}")
+        self._threshold = value
+
     @property
     def backend(self) -> Backend:
         """The running backend (raises ``RuntimeError`` after :meth:`close`)."""
