@@ -22,6 +22,7 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -33,6 +34,7 @@ from runtime.engine import AnomalyModel, Prediction
 from runtime.errors import RdedgeError
 from runtime.health import LatencyTracker, Watchdog, sd_notify
 from runtime.mqtt import MqttLink, TriggerRequest
+from runtime.outputs import Output, VerdictEvent
 from runtime.spool import OutMessage, Spool, SpoolFullError
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,8 @@ class Service:
         self._stats_thread: threading.Thread | None = None
         self._fps_mark = (self.started, 0)
         self._low_capacity_warned = False
+        self.outputs: list[Output] = []  # the station page, ... (runtime/outputs.py)
+        self._between: collections.deque[Callable[[], None]] = collections.deque()
 
     # -- start-up ----------------------------------------------------------------------------------------------------
 
@@ -113,6 +117,12 @@ class Service:
             self._saved.extend(sorted(cfg.alerts.save_dir.glob("*.jpg"), key=lambda p: p.stat().st_mtime))
         for cam in cfg.cameras:
             self.cams[cam.name] = _CamState(cam, FrameGrabber(cam, on_state=self._on_camera_state))
+        if cfg.ui.enabled:
+            from runtime.station import create_station  # rdedge[ui]; MissingExtraError names the extra
+
+            self.outputs.append(create_station(cfg))
+        for out in self.outputs:
+            out.start(self)
         for st in self.cams.values():
             st.grabber.start()
         self.watchdog.start()
@@ -166,6 +176,11 @@ class Service:
         poll = 0.1 / len(cams)
         while not self.stop.is_set():
             self.watchdog.progress()
+            while self._between:  # threshold changes, model swaps: applied between two frames
+                try:
+                    self._between.popleft()()
+                except Exception:
+                    log.exception("between-frames call failed")
             busy = False  # scored or served something this round
             waited = False  # blocked in a live camera's latest(): no need to sleep below
             live = 0
@@ -193,6 +208,10 @@ class Service:
             if not busy and not waited:  # only triggered (or ended) cameras: sleep until a trigger, no busy loop
                 self._trigger_event.wait(0.1)
                 self._trigger_event.clear()
+
+    def call_between_frames(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the scoring thread before the next frame is scored (any thread may call this)."""
+        self._between.append(fn)
 
     def _serve_trigger(self, st: _CamState) -> bool:
         with self._trigger_lock:
@@ -246,6 +265,11 @@ class Service:
             if trigger is not None and self.link is not None:
                 self.link.publish_error(st.cfg.name, f"cannot score: {exc}", trigger.id, trigger.response_topic,
                                         trigger.correlation)  # fmt: skip
+            for out in self.outputs:
+                try:
+                    out.on_frame_error(st.cfg.name, frame.seq, str(exc))
+                except Exception:
+                    log.exception("output %s failed on a frame error", out.name)
             return
         self.tracker.record(pred.timings_ms)
         st.scored += 1
@@ -257,9 +281,27 @@ class Service:
         seq = self._emit(st, frame, pred, trigger, image_path, jpeg is not None)
         if jpeg is not None and self.link is not None:
             self.link.publish_volatile(self.link.topics.alert_image(st.cfg.name), jpeg, qos=0)
+        if self.outputs:
+            self._to_outputs(st, frame, pred, trigger, seq)
         log.debug("camera %s seq %d: %s score %.5f", st.cfg.name, seq, "NG" if pred.is_ng else "OK", pred.score)
         if st.scored == 1:
             log.info("camera %s: first verdict %.2f s after start", st.cfg.name, time.monotonic() - self.started)
+
+    def _to_outputs(
+        self, st: _CamState, frame: Frame, pred: Prediction, trigger: TriggerRequest | None, seq: int
+    ) -> None:
+        assert self.model is not None
+        roi, img = st.cfg.roi, frame.image
+        if roi is not None:
+            img = img[roi.y : roi.y + roi.height, roi.x : roi.x + roi.width]
+        ev = VerdictEvent(st.cfg.name, seq, frame.seq, frame.timestamp, time.time(), pred.score, self.model.threshold,
+                          pred.is_ng, self.model.model_id, trigger.id if trigger else None, pred.timings_ms, img,
+                          pred.anomaly_map)  # fmt: skip
+        for out in self.outputs:
+            try:
+                out.on_verdict(ev)
+            except Exception:  # an output must never stop inspection
+                log.exception("output %s failed on camera %s seq %d", out.name, st.cfg.name, seq)
 
     def _overlay(self, st: _CamState, frame: Frame, pred: Prediction) -> tuple[str | None, bytes | None]:
         alerts = self.cfg.alerts
@@ -430,6 +472,11 @@ class Service:
         """Stop everything in reverse order of :meth:`open`; idempotent enough for error paths."""
         for st in self.cams.values():
             st.grabber.stop(timeout=0.5)
+        for out in reversed(self.outputs):
+            try:
+                out.close()
+            except Exception:
+                log.exception("output %s: close failed", out.name)
         self.watchdog.stop()
         if self.link is not None:
             if ended:  # end of input: give the broker up to END_FLUSH_S to take the backlog (SIGTERM cuts it short)
