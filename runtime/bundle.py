@@ -72,8 +72,14 @@ class EngineSpec(_Strict):
     precision: Literal["fp32", "fp16"]
     tensorrt_version: str
     gpu_name: str
+    compute_capability: str | None = Field(
+        None, description="CUDA compute capability of the build GPU, 'major.minor' (e.g. '8.7' for every Orin)"
+    )
+    sm_count: int | None = Field(
+        None, ge=1, description="streaming multiprocessors of the build GPU (tells AGX Orin / NX / Nano apart)"
+    )
     onnx_sha256: str = Field(..., description="sha256 of the ONNX file the engine was built from")
-    max_batch: int = Field(1, ge=1)
+    max_batch: int = Field(1, ge=1, description="top of the engine's optimisation profile (batch axis)")
 
 
 class InputSpec(_Strict):
