@@ -26,7 +26,7 @@ def build_projection(cfg: TrainConfig) -> nn.Module:
 
 
 def build_model(cfg: TrainConfig, pretrained: bool | None = None) -> ReverseDistillation:
-    """Teacher (frozen, ImageNet or ``teacher_weights``) + projection + OCBE + decoder."""
+    """Teacher (frozen, ImageNet or ``teacher_weights``) + projection + OCBE + decoder (RD-E: :class:`RDEModel`)."""
     spec = get_spec(cfg.model.backbone)
     if cfg.model.signed_decoder is not None:
         spec = dataclasses.replace(spec, signed=cfg.model.signed_decoder)
@@ -35,6 +35,10 @@ def build_model(cfg: TrainConfig, pretrained: bool | None = None) -> ReverseDist
         cfg.model.teacher_weights,
         cfg.model.pretrained if pretrained is None else pretrained,
     )
+    if cfg.model.objective == "rde":  # RD-E: the teacher is the tuned copy, the decoder may read its features
+        from training.rde import RDEModel
+
+        return RDEModel(teacher, spec, cfg.extra.rde.gii)
     return ReverseDistillation(teacher, spec, build_projection(cfg))
 
 

@@ -59,6 +59,19 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--seed", type=int, help="seed for split, init and shuffling (default 0)")
     p.add_argument("--aux", type=Path, help="SimCLR run folder ('rdedge pretrain'): train with the auxiliary backbone")
     p.add_argument("--projection", choices=["identity", "aux", "rdpp"], help="projection stage (default identity)")
+    p.add_argument(
+        "--objective",
+        choices=["rd", "rde"],
+        help="rd = Reverse Distillation on cached frozen-teacher features (default); rde = RD-E (Liu et al., AAAI "
+        "2025): a frozen ImageNet expert, a fine-tuned teacher copy and a student trained on Perlin-mask synthetic "
+        "anomalies every step (slower: the teacher runs every step); the bundle holds the tuned teacher + student",
+    )
+    p.add_argument(
+        "--gii",
+        choices=["gated", "ungated", "off"],
+        help="RD-E guided information injection at the two decoder junctions: gated by the per-pixel "
+        "cos(decoder, teacher) (default), ungated, or off (plain RD decoder)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from checkpoint_last.pt in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     return p
@@ -74,6 +87,8 @@ def train_command(args: argparse.Namespace) -> int:
         "model.backbone": args.backbone,
         "model.teacher_weights": str(args.teacher_weights) if args.teacher_weights else None,
         "model.projection": projection,
+        "model.objective": args.objective,
+        "extra.rde.gii": args.gii,
         "optim.epochs": args.epochs,
         "optim.steps": args.steps,
         "optim.batch_size": args.batch_size,
@@ -95,6 +110,10 @@ def train_command(args: argparse.Namespace) -> int:
             }
         )
     cfg = load_train_config(args.config, overrides)
+    if args.gii and cfg.model.objective != "rde":
+        from training.errors import ConfigError
+
+        raise ConfigError("--gii applies to RD-E only: add --objective rde")
     best = fit(cfg, args.data, args.out, resume=args.resume, aux_dir=args.aux, show_progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(best)

@@ -38,6 +38,9 @@ class ModelConfig(_Strict):
     projection: Literal["identity", "aux", "rdpp"] = Field(
         "identity", description="identity (plain RD) | aux (SimCLR-aligned heads) | rdpp (RD++ projection)"
     )
+    objective: Literal["rd", "rde"] = Field(
+        "rd", description="rd (frozen teacher, student on cached features) | rde (RD-E: expert, tuned teacher, GII)"
+    )
     sigma: float = Field(4.0, ge=0.0, description="Gaussian blur sigma of the anomaly map in pixels")
     signed_decoder: bool | None = Field(
         None, description="decoder stage outputs without ReLU (default: when the teacher's features are signed)"
@@ -147,6 +150,8 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any] | None 
             node = node.setdefault(p, {})
         node[leaf] = value
     cfg = parse_train_config(data, source)
+    if cfg.model.objective == "rde" and cfg.model.projection != "identity":
+        raise ConfigError(f"{source}: model.projection: RD-E (model.objective rde) needs 'identity'")
     if cfg.data.image_size % 32:
         raise ConfigError(f"{source}: data.image_size: must be a multiple of 32 (got {cfg.data.image_size})")
     return cfg

@@ -10,7 +10,9 @@ before these objectives existed (``extra: {}``) still validates, and YAML only l
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class _Strict(BaseModel):
@@ -54,8 +56,34 @@ class RDPPConfig(_Strict):
     noise_bank: int = Field(64, ge=0, description="pre-computed noise tiles (seeded); 0: generate every step")
 
 
+class RDEConfig(_Strict):
+    """RD-E (Liu et al., AAAI 2025; ``model.objective: rde``). Defaults are the paper's unless stated."""
+
+    gii: Literal["gated", "ungated", "off"] = Field(
+        "gated", description="guided information injection: gated by cos(D, T) | ungated | off (plain decoder)"
+    )
+    teacher_lr: float = Field(1e-4, gt=0.0, description="Adam lr of the trainable teacher (student: optim.lr)")
+    teacher_betas: tuple[float, float] = Field((0.5, 0.999), description="Adam betas of the trainable teacher")
+    beta_max: float = Field(0.8, gt=0.0, le=1.0, description="texture opacity beta drawn from [0, beta_max)")
+    perlin_min: int = Field(0, ge=0, le=6, description="smallest Perlin scale exponent (grid 2**k cells)")
+    perlin_max: int = Field(5, ge=0, le=6, description="largest Perlin scale exponent")
+    threshold: float = Field(0.5, gt=-1.0, lt=1.0, description="Perlin noise > threshold -> anomaly mask")
+    texture: Literal["mixed", "images", "simplex"] = Field(
+        "mixed",
+        description="anomaly fill (DTD is not available): crops of other training images | simplex noise | both",
+    )
+
+    @field_validator("perlin_max")
+    @classmethod
+    def _check_scales(cls, v: int, info: ValidationInfo) -> int:
+        if v < info.data.get("perlin_min", 0):
+            raise ValueError("perlin_max must be >= perlin_min")
+        return v
+
+
 class ExtraConfig(_Strict):
-    """``TrainConfig.extra``: settings of the auxiliary and RD++ objectives (ignored by plain RD)."""
+    """``TrainConfig.extra``: settings of the auxiliary, RD++ and RD-E objectives (ignored by plain RD)."""
 
     aux: AuxConfig = Field(default_factory=AuxConfig, description="SimCLR-auxiliary alignment")
     rdpp: RDPPConfig = Field(default_factory=RDPPConfig, description="RD++ projection objectives")
+    rde: RDEConfig = Field(default_factory=RDEConfig, description="RD-E expert-teacher-student objective")

@@ -163,6 +163,10 @@ def fit(
     Returns:
         Path of the best checkpoint (the last one if there is no validation split).
     """
+    if cfg.model.objective == "rde":  # the teacher trains: no feature cache, its own loop
+        from training.rde_train import fit_rde
+
+        return fit_rde(cfg, data, out_dir, resume=resume, show_progress=show_progress)
     from tqdm import tqdm
 
     from training.backbones import get_spec
