@@ -64,6 +64,32 @@ def build_engines_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def label_tune_command(args: argparse.Namespace) -> int:
+    """``rdedge label-tune``: labelled good/defect images -> a bundle with a calibrated classifier part."""
+    from export.label_tune import LabelTuneOptions, label_tune
+
+    opts = LabelTuneOptions(
+        run=args.run,
+        labelled=args.labelled,
+        out=args.out,
+        bundle=args.bundle,
+        classifier=args.classifier,
+        decision=args.decision,
+        probability_threshold=args.probability_threshold,
+        seed=args.seed,
+        force=args.force,
+        sign=args.sign,
+    )
+    out, manifest = label_tune(opts)
+    clf = manifest.classifier
+    assert clf is not None
+    print(f"model {manifest.model_id}: {clf.model}")
+    print(f"cross-validated on {clf.source}: AUROC {clf.stats['cv_auroc']:.3f}, F1 {clf.stats['cv_f1_at_0.5']:.3f}")
+    print(f"decision: {clf.rule}")
+    print(out)
+    return 0
+
+
 def demo_command(args: argparse.Namespace) -> int:
     """``rdedge demo``: the README's first command."""
     from export.demo import DemoOptions, run_demo
@@ -131,6 +157,32 @@ def register(sub: argparse._SubParsersAction) -> None:
         "matches)",
     )
     p.set_defaults(func=build_engines_command)
+
+    p = sub.add_parser(
+        "label-tune",
+        help="fit a calibrated classifier on a few labelled good/defect images and add it to the bundle",
+        description="Describe each labelled image by the teacher's embedding and the bundle's anomaly-map "
+        "statistics, fit a class-balanced logistic regression or linear SVM (chosen and Platt-calibrated by "
+        "cross-validation on the labelled images only), export it as classifier.onnx and write a new bundle whose "
+        "verdicts carry the anomaly score and the defect probability; the decision rule is in manifest.classifier.",
+    )
+    p.add_argument("--run", required=True, type=Path, help="run folder from 'rdedge train' (its teacher is reused)")
+    p.add_argument("--labelled", required=True, type=Path, help="folder with good/ and defect/ image folders")
+    p.add_argument("--out", required=True, type=Path, help="bundle folder to create")
+    p.add_argument("--bundle", type=Path, help="base bundle of the run (default: export the run with defaults)")
+    p.add_argument("--classifier", choices=["auto", "logreg", "svm"], default="auto", help="default auto (by CV)")
+    p.add_argument(
+        "--decision",
+        choices=["classifier", "either"],
+        default="classifier",
+        help="classifier (default): NG iff probability >= --probability-threshold; either: that or score >= the "
+        "anomaly threshold",
+    )
+    p.add_argument("--probability-threshold", type=float, default=0.5, help="NG probability (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="cross-validation folds seed (default 0)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle (atomically)")
+    p.add_argument("--sign", type=Path, metavar="KEY", help="sign the new manifest.json (rdedge[sign])")
+    p.set_defaults(func=label_tune_command)
 
     p = sub.add_parser(
         "demo",
