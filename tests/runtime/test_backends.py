@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from runtime.backends.base import create_backend
+from runtime.backends.cuda_rt import GpuIdentity
 from runtime.backends.onnxruntime import import_onnxruntime
 from runtime.backends.tensorrt import check_engine_compat, select_engines
 from runtime.bundle import EngineSpec, Manifest, load_manifest, sha256_file, write_manifest
@@ -146,16 +147,18 @@ def test_corrupt_part_is_a_bundle_error(tiny_bundle: Path, tmp_path: Path) -> No
 
 
 # ---------------------------------------------------------------------------------- TensorRT engine compatibility
-TRT, GPU = "10.3.0", "NVIDIA H100 80GB HBM3"
+TRT, GPU = "10.3.0", GpuIdentity("NVIDIA H100 80GB HBM3", (9, 0), 132)
 
 
-def _engine(m: Manifest, part: str = "teacher", **kw: str) -> EngineSpec:
-    spec = {
+def _engine(m: Manifest, part: str = "teacher", **kw: str | int | None) -> EngineSpec:
+    spec: dict[str, str | int | None] = {
         "part": part,
         "file": f"engines/{part}.engine",
         "precision": "fp16",
         "tensorrt_version": TRT,
-        "gpu_name": GPU,
+        "gpu_name": GPU.name,
+        "compute_capability": GPU.cc,
+        "sm_count": GPU.sm_count,
         "onnx_sha256": m.files[f"{part}.onnx" if part != "fused" else "model.onnx"],
     }
     spec.update(kw)
@@ -174,9 +177,13 @@ def test_engine_compat_accepts_a_matching_engine(tiny_bundle: Path) -> None:
         ({"tensorrt_version": "10.0.1"}, "built with TensorRT 10.0.1, installed is 10.3.0"),
         ({"gpu_name": "Orin"}, "built for GPU 'Orin', this device is 'NVIDIA H100 80GB HBM3'"),
         ({"onnx_sha256": "ab" * 32}, "built from an ONNX with sha256 abababababab..., but teacher.onnx"),
+        # Orin AGX / NX / Nano all call themselves "Orin": the SM count tells them apart
+        ({"sm_count": 16}, "built for compute capability 9.0 with 16 SMs, this device has 9.0 with 132"),
+        ({"compute_capability": "8.7"}, "built for compute capability 8.7 with 132 SMs"),
+        ({"compute_capability": None}, "recorded without the GPU's compute capability and SM count"),
     ],
 )
-def test_engine_compat_refuses_mismatches(tiny_bundle: Path, change: dict[str, str], message: str) -> None:
+def test_engine_compat_refuses_mismatches(tiny_bundle: Path, change: dict[str, str | int | None], message: str) -> None:
     m = load_manifest(tiny_bundle)
     with pytest.raises(BundleError) as err:
         check_engine_compat(_engine(m, **change), m, TRT, GPU, bundle_dir="/opt/bundle")
