@@ -4,20 +4,26 @@
 
   - TensorRT 10.0 .. 10.11 (JetPack 6 ships 10.3): *weakly typed* network from the FP32 ONNX with
     ``BuilderFlag.FP16``; layers that compute norms, reductions, divisions, powers and exp/log are pinned to FP32
-    (``PREFER_PRECISION_CONSTRAINTS``).
+    (``PREFER_PRECISION_CONSTRAINTS``), but only layers whose tensors are float activations: shape, integer and
+    bool layers are left alone, as Polygraphy's ``debug precision`` does (:func:`pin_to_fp32`).
   - TensorRT >= 10.12 (and 11, where weak typing is gone): *strongly typed* network (``STRONGLY_TYPED``), whose
     precision is exactly the ONNX types, built from the bundle's ``<part>.fp16.onnx`` (:mod:`export.fp16`: FP16
     weights and activations, normalisations/reductions/cosine FP32, FP32 I/O).
-  - The ``score`` part is always FP32.
+  - ``score``, ``density`` and the fused graph (which holds the score) are always FP32.
+  - FP32 engines are built with ``BuilderFlag.TF32`` cleared: TensorRT sets it by default, and TF32 convolutions
+    and matmuls round to 10 mantissa bits (~1e-3 relative), which is not FP32.
 
-* One optimisation profile per engine: batch ``1 .. max_batch`` (opt = max_batch), other axes fixed.
-* A timing cache per TensorRT version and GPU (``engines/timing.<trt>.<gpu>.cache``) makes rebuilds fast.
-* Engine files are keyed by TensorRT version, GPU name and the sha256 of the part's ONNX (:func:`engine_filename`)
-  and recorded in ``manifest.engines``; the runtime refuses any engine whose key does not match
-  (``runtime.backends.tensorrt.check_engine_compat``). The manifest is rewritten atomically with the engines' hashes.
+* One optimisation profile per engine: batch ``1 .. max_batch``, tuned for batch 1 (opt = 1: a line camera scores
+  one frame at a time), other axes fixed (:func:`profile_shapes`).
+* Built on CUDA device ``gpu_id`` (``cudaSetDevice`` before the builder exists; TensorRT builds on the current one).
+* A timing cache per TensorRT version and GPU (``engines/timing.<trt>.<gpu>.cache``) makes rebuilds fast; a cache
+  TensorRT rejects (other device, other version, corrupt) is replaced by a fresh one, never fatal.
+* Engine files are keyed by TensorRT version, GPU (name, compute capability, SM count: Orin AGX / NX / Nano share
+  the name) and the sha256 of the part's ONNX (:func:`engine_filename`) and recorded in ``manifest.engines``; the
+  runtime refuses any engine whose key does not match (``runtime.backends.tensorrt.check_engine_compat``). The
+  manifest is rewritten atomically with the engines' hashes.
 
-``tensorrt`` (and ``pycuda`` for the GPU name) are imported only when engines are built; without them the error
-names ``rdedge[trt]``.
+``tensorrt`` and cuda-python are imported only when engines are built; without them the error names ``rdedge[trt]``.
 """
 
 from __future__ import annotations
@@ -25,12 +31,30 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from export.errors import ExportError, MissingExtraError
+from export.errors import ExportError
+from runtime.backends import cuda_rt
+from runtime.backends.cuda_rt import GpuIdentity
+from runtime.backends.tensorrt import import_tensorrt, trt_logger
 from runtime.bundle import EngineSpec, Manifest, load_manifest
+
+__all__ = [
+    "LayerFacts",
+    "PrecisionPlan",
+    "build_engine",
+    "build_engines",
+    "decide_precision",
+    "engine_filename",
+    "import_tensorrt",
+    "pin_to_fp32",
+    "profile_shapes",
+    "timing_cache_filename",
+]
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +62,8 @@ Precision = Literal["fp16", "fp32"]
 #: First TensorRT version built strongly typed (weak typing deprecated in 10.12, removed in 11).
 STRONGLY_TYPED_FROM = (10, 12)
 MIN_VERSION = (10, 0)  # name-based tensor API (set_tensor_address, execute_async_v3)
-FP32_PARTS = frozenset({"score", "density"})  # distances and squared sums: FP16 would overflow or round
+#: Distances and squared sums (FP16 would overflow or round); the fused graph contains the score part.
+FP32_PARTS = frozenset({"score", "density", "fused"})
 
 
 @dataclass(frozen=True)
@@ -51,6 +76,7 @@ class PrecisionPlan:
         fp16_flag: set ``BuilderFlag.FP16`` (weakly typed FP16 only).
         constrain_fp32_layers: pin norm/reduction/cosine-like layers to FP32 (weakly typed FP16 only).
         onnx_variant: which ONNX to parse: ``fp32`` (``<part>.onnx``) or ``fp16`` (``<part>.fp16.onnx``).
+        tf32: leave ``BuilderFlag.TF32`` on (TensorRT's default); cleared for every FP32 engine.
     """
 
     engine_precision: Precision
@@ -58,6 +84,7 @@ class PrecisionPlan:
     fp16_flag: bool
     constrain_fp32_layers: bool
     onnx_variant: Precision
+    tf32: bool
 
 
 def parse_version(version: str) -> tuple[int, int]:
@@ -73,7 +100,7 @@ def decide_precision(trt_version: str, part: str, precision: Precision) -> Preci
 
     Args:
         trt_version: ``tensorrt.__version__``.
-        part: part name (``score`` is always FP32).
+        part: part name (``score``, ``density`` and ``fused`` are always FP32).
         precision: requested precision of the FP16-able parts.
 
     Raises:
@@ -85,79 +112,104 @@ def decide_precision(trt_version: str, part: str, precision: Precision) -> Preci
     if ver < MIN_VERSION:
         raise ExportError(f"TensorRT {trt_version} is too old: rdedge needs TensorRT >= 10.0 (JetPack 6 has 10.3)")
     prec: Precision = "fp32" if part in FP32_PARTS else precision
+    tf32 = prec == "fp16"  # an FP16 engine's FP32 fallbacks may use TF32; an FP32 engine may not
     if ver >= STRONGLY_TYPED_FROM:
-        return PrecisionPlan(prec, strongly_typed=True, fp16_flag=False, constrain_fp32_layers=False, onnx_variant=prec)
+        return PrecisionPlan(prec, True, fp16_flag=False, constrain_fp32_layers=False, onnx_variant=prec, tf32=tf32)
     fp16 = prec == "fp16"
-    return PrecisionPlan(prec, strongly_typed=False, fp16_flag=fp16, constrain_fp32_layers=fp16, onnx_variant="fp32")
+    return PrecisionPlan(prec, False, fp16_flag=fp16, constrain_fp32_layers=fp16, onnx_variant="fp32", tf32=tf32)
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower() or "gpu"
+def profile_shapes(rest: Sequence[int], max_batch: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``(min, opt, max)`` shapes of one input: batch 1 .. ``max_batch``, kernels tuned for batch 1.
 
+    >>> profile_shapes((3, 64, 64), 4)
+    ((1, 3, 64, 64), (1, 3, 64, 64), (4, 3, 64, 64))
 
-def engine_filename(part: str, precision: Precision, trt_version: str, gpu_name: str, onnx_sha256: str) -> str:
-    """Bundle-relative engine path keyed by part, precision, TensorRT version, GPU name and ONNX sha256.
-
-    >>> engine_filename("teacher", "fp16", "10.3.0.30", "Orin (nvgpu)", "ab" * 32)
-    'engines/teacher.fp16.trt10.3.0.30.orin-nvgpu.abababababababab.engine'
+    Raises:
+        ExportError: ``max_batch`` below 1 or a dynamic axis besides the batch.
     """
-    if len(onnx_sha256) < 16 or not re.fullmatch(r"[0-9a-f]+", onnx_sha256):
-        raise ExportError(f"not a sha256 hex digest: {onnx_sha256!r}")
-    return f"engines/{part}.{precision}.trt{_slug(trt_version)}.{_slug(gpu_name)}.{onnx_sha256[:16]}.engine"
+    if max_batch < 1:
+        raise ExportError(f"--max-batch must be >= 1, got {max_batch}")
+    dims = tuple(int(d) for d in rest)
+    if any(d < 0 for d in dims):
+        raise ExportError(f"input has a dynamic axis besides the batch: (-1, {', '.join(map(str, dims))})")
+    return (1, *dims), (1, *dims), (max_batch, *dims)
 
 
-def timing_cache_filename(trt_version: str, gpu_name: str) -> str:
-    """Bundle-relative timing cache path for one TensorRT version and GPU."""
-    return f"engines/timing.trt{_slug(trt_version)}.{_slug(gpu_name)}.cache"
+@dataclass(frozen=True)
+class LayerFacts:
+    """What :func:`pin_to_fp32` needs to know about one network layer (plain data, read from ``trt.ILayer``).
+
+    Attributes:
+        type: ``trt.LayerType`` name (``"REDUCE"``, ``"UNARY"``, ``"SHAPE"``..).
+        op: ``UnaryOperation`` / ``ElementWiseOperation`` name for unary and elementwise layers, else ``None``.
+        input_dtypes: ``trt.DataType`` names of the connected inputs (``"FLOAT"``, ``"HALF"``, ``"INT32"``..).
+        output_dtypes: ``trt.DataType`` names of the outputs.
+        outputs_are_execution: ``ITensor.is_execution_tensor`` of each output (False for shape tensors).
+    """
+
+    type: str
+    op: str | None
+    input_dtypes: tuple[str, ...]
+    output_dtypes: tuple[str, ...]
+    outputs_are_execution: tuple[bool, ...]
 
 
-def import_tensorrt() -> Any:
-    """``import tensorrt`` or raise :class:`MissingExtraError` naming ``rdedge[trt]``."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise MissingExtraError(
-            "tensorrt", "trt", "TensorRT engines; on Jetson use JetPack's tensorrt in a venv with system site-packages"
-        ) from None
-    return trt
+_PIN_TYPES = frozenset({"REDUCE", "NORMALIZATION", "SOFTMAX"})
+_PIN_UNARY = frozenset({"EXP", "LOG", "SQRT", "RECIP"})
+_PIN_ELEMENTWISE = frozenset({"DIV", "POW"})
+_FLOAT = frozenset({"FLOAT", "HALF"})
+_NEVER = frozenset({"CONSTANT", "SHAPE", "CAST", "ASSERTION", "IDENTITY"})
 
 
-def gpu_name(gpu_id: int = 0) -> str:
-    """Name of CUDA device ``gpu_id`` as pycuda reports it (the runtime compares against the same string)."""
-    try:
-        import pycuda.driver as cuda
+def pin_to_fp32(layer: LayerFacts) -> bool:
+    """Whether a weakly typed FP16 build pins this layer (precision and output types) to FP32.
 
-        cuda.init()
-        return str(cuda.Device(gpu_id).name())
-    except ImportError:
-        pass
-    try:
-        import torch
+    Numerically fragile float ops are pinned: reductions, normalisations, softmax, exp/log/sqrt/reciprocal, division
+    and power. As in Polygraphy (``debug precision``'s ``should_exclude``), a layer is never pinned when any output
+    is a shape tensor or not a float activation, or (stricter) when an input is not float: shape arithmetic on
+    ``INT32``/``INT64`` and ``BOOL`` masks must keep their types, or TensorRT logs errors and ignores the request.
+    """
+    if layer.type in _NEVER or not layer.output_dtypes:
+        return False
+    if not all(layer.outputs_are_execution):
+        return False
+    if any(d not in _FLOAT for d in (*layer.input_dtypes, *layer.output_dtypes)):
+        return False
+    if layer.type == "UNARY":
+        return layer.op in _PIN_UNARY
+    if layer.type == "ELEMENTWISE":
+        return layer.op in _PIN_ELEMENTWISE
+    return layer.type in _PIN_TYPES
 
-        if torch.cuda.is_available():
-            return str(torch.cuda.get_device_name(gpu_id))
-    except ImportError:
-        pass
-    raise MissingExtraError("pycuda", "trt", "to identify the GPU the engines are built for")
+
+def _layer_facts(trt: Any, layer: Any) -> LayerFacts:
+    """Read :class:`LayerFacts` from a ``trt.ILayer`` (down-casts unary/elementwise layers to read ``op``)."""
+    lt = trt.LayerType
+    op = None
+    if layer.type == lt.UNARY:
+        layer.__class__ = trt.IUnaryLayer
+        op = layer.op.name
+    elif layer.type == lt.ELEMENTWISE:
+        layer.__class__ = trt.IElementWiseLayer
+        op = layer.op.name
+    inputs = [layer.get_input(i) for i in range(layer.num_inputs)]
+    outputs = [layer.get_output(i) for i in range(layer.num_outputs)]
+    return LayerFacts(
+        type=layer.type.name,
+        op=op,
+        input_dtypes=tuple(t.dtype.name for t in inputs if t is not None),
+        output_dtypes=tuple(t.dtype.name for t in outputs),
+        outputs_are_execution=tuple(bool(t.is_execution_tensor) for t in outputs),
+    )
 
 
 def _pin_fp32_layers(trt: Any, network: Any) -> int:
-    """Weakly typed FP16: keep reductions, normalisations, softmax, unary exp/log/sqrt, div and pow in FP32."""
-    lt = trt.LayerType
-    keep = {lt.REDUCE, lt.NORMALIZATION, lt.SOFTMAX}
-    unary = {trt.UnaryOperation.EXP, trt.UnaryOperation.LOG, trt.UnaryOperation.SQRT, trt.UnaryOperation.RECIP}
-    binary = {trt.ElementWiseOperation.DIV, trt.ElementWiseOperation.POW}
+    """Pin every layer :func:`pin_to_fp32` selects; returns how many."""
     n = 0
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        pin = layer.type in keep
-        if layer.type == lt.UNARY:
-            layer.__class__ = trt.IUnaryLayer
-            pin = layer.op in unary
-        elif layer.type == lt.ELEMENTWISE:
-            layer.__class__ = trt.IElementWiseLayer
-            pin = layer.op in binary
-        if pin:
+        if pin_to_fp32(_layer_facts(trt, layer)):
             layer.precision = trt.float32
             for j in range(layer.num_outputs):
                 layer.set_output_type(j, trt.float32)
@@ -165,15 +217,58 @@ def _pin_fp32_layers(trt: Any, network: Any) -> int:
     return n
 
 
+def engine_filename(part: str, precision: Precision, trt_version: str, gpu: GpuIdentity, onnx_sha256: str) -> str:
+    """Bundle-relative engine path keyed by part, precision, TensorRT version, GPU and ONNX sha256.
+
+    >>> engine_filename("teacher", "fp16", "10.3.0.30", GpuIdentity("Orin (nvgpu)", (8, 7), 8), "ab" * 32)
+    'engines/teacher.fp16.trt10.3.0.30.orin-nvgpu.sm87.8sm.abababababababab.engine'
+    """
+    if len(onnx_sha256) < 16 or not re.fullmatch(r"[0-9a-f]+", onnx_sha256):
+        raise ExportError(f"not a sha256 hex digest: {onnx_sha256!r}")
+    return f"engines/{part}.{precision}.trt{_slug(trt_version)}.{gpu.slug()}.{onnx_sha256[:16]}.engine"
+
+
+def timing_cache_filename(trt_version: str, gpu: GpuIdentity) -> str:
+    """Bundle-relative timing cache path for one TensorRT version and GPU."""
+    return f"engines/timing.trt{_slug(trt_version)}.{gpu.slug()}.cache"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower() or "x"
+
+
+def _attach_timing_cache(config: Any, path: Path) -> bool:
+    """Give the builder the timing cache at ``path``, or a fresh one if TensorRT rejects it.
+
+    ``set_timing_cache(..., ignore_mismatch=False)`` returns False for a cache from another device or TensorRT,
+    and ``create_timing_cache`` may return None for unreadable bytes. Returns whether any cache is attached.
+    """
+    candidates = [(path.read_bytes(), str(path))] if path.is_file() else []
+    for blob, what in [*candidates, (b"", "a fresh cache")]:
+        try:
+            cache = config.create_timing_cache(blob)
+        except Exception as exc:  # noqa: BLE001 - the bindings raise their own types for bad bytes
+            log.warning("TensorRT cannot read the timing cache %s (%s)", what, exc)
+            continue
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return True
+        log.warning("TensorRT rejected the timing cache %s (other device or version?)", what)
+    log.warning("building without a timing cache")
+    return False
+
+
 def build_engine(
     trt: Any, onnx_path: Path, engine_path: Path, plan: PrecisionPlan, max_batch: int, timing_cache: Path
-) -> None:
-    """Parse ``onnx_path`` and write a serialized engine to ``engine_path`` (atomically).
+) -> float:
+    """Parse ``onnx_path`` and write a serialized engine to ``engine_path`` (atomically), on the current device.
+
+    Returns:
+        Seconds spent in ``build_serialized_network``.
 
     Raises:
         ExportError: the parser or the builder failed (parser errors are listed).
     """
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = trt_logger(trt)
     builder = trt.Builder(logger)
     flags = 0
     if plan.strongly_typed:
@@ -186,25 +281,33 @@ def build_engine(
     config = builder.create_builder_config()
     if plan.fp16_flag:
         config.set_flag(trt.BuilderFlag.FP16)
+    tf32 = getattr(trt.BuilderFlag, "TF32", None)
+    if tf32 is not None and not plan.tf32:
+        config.clear_flag(tf32)
     if plan.constrain_fp32_layers:
         n = _pin_fp32_layers(trt, network)
         config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
-        log.debug("%s: %d layer(s) pinned to FP32", onnx_path.name, n)
+        log.info("%s: %d layer(s) pinned to FP32", onnx_path.name, n)
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
         t = network.get_input(i)
-        rest = tuple(int(d) for d in t.shape[1:])
-        if any(d < 0 for d in rest):
-            raise ExportError(f"{onnx_path}: input {t.name} has a dynamic axis besides the batch: {tuple(t.shape)}")
-        profile.set_shape(t.name, (1, *rest), (max_batch, *rest), (max_batch, *rest))
+        try:
+            lo, opt, hi = profile_shapes(tuple(t.shape)[1:], max_batch)
+        except ExportError as exc:
+            raise ExportError(f"{onnx_path}: input {t.name}: {exc}") from None
+        profile.set_shape(t.name, lo, opt, hi)
     config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    have_cache = _attach_timing_cache(config, timing_cache)
+    t0 = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - t0
     if serialized is None:
         raise ExportError(f"{onnx_path}: TensorRT failed to build the engine (see the TensorRT log above)")
     _write_atomic(engine_path, memoryview(serialized))
-    _write_atomic(timing_cache, memoryview(config.get_timing_cache().serialize()))
+    cache = config.get_timing_cache() if have_cache else None
+    if cache is not None:
+        _write_atomic(timing_cache, memoryview(cache.serialize()))
+    return seconds
 
 
 def _write_atomic(path: Path, data: Any) -> None:
@@ -220,15 +323,15 @@ def _write_atomic(path: Path, data: Any) -> None:
 def build_engines(
     bundle_dir: Path, precision: Precision = "fp16", max_batch: int | None = None, gpu_id: int = 0
 ) -> Manifest:
-    """Build engines for the five chain parts on this device and record them in the bundle's manifest.
+    """Build engines for the chain parts (and the fused graph, if the bundle has one) and record them.
 
     Engines already recorded for the same TensorRT version and GPU are replaced; engines for other devices stay.
 
     Args:
         bundle_dir: an exported bundle (verified before building).
-        precision: precision of teacher/projection/ocbe/decoder (score is FP32).
+        precision: precision of teacher/projection/ocbe/decoder (score, density and fused are FP32).
         max_batch: top of the optimisation profile; default ``manifest.input.max_batch`` (written back to it).
-        gpu_id: CUDA device ordinal.
+        gpu_id: CUDA device ordinal to build on (and to name the engines after).
 
     Returns:
         The rewritten, re-validated manifest.
@@ -238,14 +341,17 @@ def build_engines(
     bundle_dir = Path(bundle_dir)
     manifest = load_manifest(bundle_dir, verify=True)
     trt = import_tensorrt()
-    version, gpu = str(trt.__version__), gpu_name(gpu_id)
+    gpu = cuda_rt.device_identity(gpu_id)
+    cuda_rt.set_device(gpu_id)
+    version = str(trt.__version__)
     batch = int(max_batch or manifest.input.max_batch)
     if batch < 1:
         raise ExportError(f"--max-batch must be >= 1, got {batch}")
     cache = bundle_dir / timing_cache_filename(version, gpu)
+    specs = [*manifest.parts, *([manifest.fused] if manifest.fused is not None else [])]
     new: list[EngineSpec] = []
-    for part in [p.name for p in manifest.parts]:
-        spec = manifest.part(part)
+    for spec in specs:
+        part = spec.name
         plan = decide_precision(version, part, precision)
         onnx_file = spec.file
         if plan.onnx_variant == "fp16":
@@ -259,21 +365,29 @@ def build_engines(
             onnx_file = fp16_file
         sha = manifest.files[spec.file]
         rel = engine_filename(part, plan.engine_precision, version, gpu, sha)
-        log.info("building %s engine for %s (%s, TensorRT %s, %s)", plan.engine_precision, part, onnx_file,
-                 version, "strongly typed" if plan.strongly_typed else "weakly typed")  # fmt: skip
-        build_engine(trt, bundle_dir / onnx_file, bundle_dir / rel, plan, batch, cache)
+        log.info("building %s engine for %s (%s, TensorRT %s, %s, %s)", plan.engine_precision, part, onnx_file,
+                 version, "strongly typed" if plan.strongly_typed else "weakly typed", gpu)  # fmt: skip
+        seconds = build_engine(trt, bundle_dir / onnx_file, bundle_dir / rel, plan, batch, cache)
+        log.info("built %s in %.1f s", rel, seconds)
         new.append(
             EngineSpec(
                 part=part,
                 file=rel,
                 precision=plan.engine_precision,
                 tensorrt_version=version,
-                gpu_name=gpu,
+                gpu_name=gpu.name,
+                compute_capability=gpu.cc,
+                sm_count=gpu.sm_count,
                 onnx_sha256=sha,
                 max_batch=batch,
-            )  # fmt: skip
+            )
         )
-    kept = [e for e in manifest.engines if (e.tensorrt_version, e.gpu_name) != (version, gpu)]
+
+    def same_device(e: EngineSpec) -> bool:  # an engine recorded without cc/SMs (older rdedge) counts as this one's
+        key = (e.compute_capability, e.sm_count)
+        return (e.tensorrt_version, e.gpu_name) == (version, gpu.name) and key in ((gpu.cc, gpu.sm_count), (None, None))
+
+    kept = [e for e in manifest.engines if not same_device(e)]
     new_files = {e.file for e in new}
     for old in manifest.engines:
         if old not in kept and old.file not in new_files:
