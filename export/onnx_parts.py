@@ -44,11 +44,25 @@ PART_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 #: The score part of a recipe that fuses the density map.
 SCORE_WITH_DENSITY_IO = (("f1", "f2", "f3", "d1", "d2", "d3", "density_map"), ("anomaly_map", "score"))
+#: The decoder part of RD-E with guided information injection: it reads the (tuned) teacher's features too.
+DECODER_WITH_TEACHER_IO = (("z", "f1", "f2", "f3"), ("d1", "d2", "d3"))
 
 
-def part_io(name: str, with_density: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Input and output tensor names of a part (the score part takes ``density_map`` too when it fuses it)."""
+def part_io(
+    name: str, with_density: bool, decoder_takes_teacher: bool = False
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Input and output tensor names of a part (the score part takes ``density_map`` too when it fuses it; an
+    RD-E decoder with injection takes ``f1, f2, f3`` after ``z``)."""
+    if name == "decoder" and decoder_takes_teacher:
+        return DECODER_WITH_TEACHER_IO
     return SCORE_WITH_DENSITY_IO if name == "score" and with_density else PART_IO[name]
+
+
+def decode(model: nn.Module, z: Tensor, feats: list[Tensor]) -> list[Tensor]:
+    """The model's decoder on ``z`` (and the teacher's ``feats`` when it takes them: RD-E with injection)."""
+    from training.rde import takes_teacher
+
+    return model.decoder(z, *feats) if takes_teacher(model.decoder) else model.decoder(z)
 
 
 DEFAULT_OPSET = 17
@@ -159,7 +173,7 @@ class _ExportRD(nn.Module):
 
     def forward(self, image: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         feats = self.teacher(image)
-        return feats, self.decoder(self.ocbe(*self.projection(*feats)))
+        return feats, decode(self, self.ocbe(*self.projection(*feats)), feats)
 
 
 def part_modules(

@@ -150,12 +150,14 @@ def _torch_chain(model: Any, scoring: Any, x: np.ndarray) -> dict[str, np.ndarra
     """Every named tensor of the chain, computed by the torch model on ``x`` (reference for parity)."""
     import torch
 
+    from export import onnx_parts
+
     with torch.no_grad():
         t: dict[str, Any] = {"image": torch.from_numpy(x)}
         f = model.teacher(t["image"])
         p = model.projection(*f)
         z = model.ocbe(*p)
-        d = model.decoder(z)
+        d = onnx_parts.decode(model, z, f)
         if scoring.density is not None:  # computed once: it is a tensor of the chain and an input of the score
             t["density_map"] = scoring.density(*f)
             amap, score = scoring.scorer(*f, *d, t["density_map"])
@@ -227,6 +229,7 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
     from export.fp16 import convert_file
     from training.backbones import get_spec
     from training.build import load_model
+    from training.rde import takes_teacher
     from training.threshold import calibrate_threshold, f1_optimal
 
     onnx_parts.check_opset(opts.opset)
@@ -280,7 +283,7 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
         specs: dict[str, PartSpec] = {}
         sessions: dict[str, Any] = {}
         for name in (*chain_names, *(("fused",) if opts.fused else ())):
-            ins, outs = onnx_parts.part_io(name, scoring.density is not None)
+            ins, outs = onnx_parts.part_io(name, scoring.density is not None, takes_teacher(model.decoder))
             path = tmp / ("model.onnx" if name == "fused" else f"{name}.onnx")
             if name == "projection" and onnx_parts.is_identity_projection(model.projection):
                 onnx_parts.write_identity_projection(path, onnx_parts.tensor_specs(ins, [refs[0][k] for k in ins]))
@@ -316,6 +319,8 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
             "exporter": "torch.onnx (TorchScript, dynamo=False)",
             "opset": opts.opset,
             "projection": cfg.model.projection,
+            "objective": cfg.model.objective,
+            **({"rde.gii": cfg.extra.rde.gii} if cfg.model.objective == "rde" else {}),
             "sigma": float(cfg.model.sigma),
             "train_image_size": int(cfg.data.image_size),
             "checkpoint_epoch": int(ckpt.get("epoch", -1)) + 1,

@@ -7,6 +7,7 @@ A bundle is a directory::
     projection.onnx      f1, f2, f3 -> p1, p2, p3         (identity or trained projection)
     ocbe.onnx            p1, p2, p3 -> z                  (one-class bottleneck embedding)
     decoder.onnx         z -> d1, d2, d3                  (student)
+                         z, f1, f2, f3 -> d1, d2, d3      (RD-E student with guided information injection)
     density.onnx         f1, f2, f3 -> density_map (B,1,H/8,W/8)   (optional: per-position Gaussian, FP32)
     score.onnx           f1, f2, f3, d1, d2, d3 [, density_map] -> anomaly_map (B,1,H,W), score (B,)   (FP32)
     model.onnx           optional fused graph image -> anomaly_map, score
@@ -15,8 +16,11 @@ A bundle is a directory::
     calib.npy            optional: a few calibration frames, uint8 BGR (N, H, W, 3), with their scores in the manifest
     manifest.sig         optional ed25519 signature over manifest.json's bytes (``runtime.signing``)
 
-Parts run in ``chain`` order; each part reads its inputs by name from the tensors produced so far, so the runtime
-can keep every intermediate tensor on the device. Export writes ``manifest.json`` through :func:`write_manifest`.
+Parts run in ``chain`` order; each part reads its inputs by name from the tensors produced so far (checked when the
+manifest is read), so the runtime can keep every intermediate tensor on the device. An RD-E bundle has the same
+parts; its ``teacher.onnx`` is the fine-tuned teacher (the frozen expert of training is never exported) and its
+decoder also reads ``f1, f2, f3``; ``extra["objective"]`` says which (absent in bundles older than RD-E: ``rd``).
+Export writes ``manifest.json`` through :func:`write_manifest`.
 """
 
 from __future__ import annotations
@@ -182,6 +186,12 @@ class Manifest(_Strict):
         for spec in specs:
             if spec.file not in self.files:
                 raise ValueError(f"file {spec.file!r} has no sha256 in 'files'")
+        produced = {self.input.name}
+        for part in self.parts:  # every input exists by the time its part runs (e.g. an RD-E decoder's f1..f3)
+            missing = [t.name for t in part.inputs if t.name not in produced]
+            if missing:
+                raise ValueError(f"part {part.name!r} reads {missing}, which no earlier part produces")
+            produced.update(t.name for t in part.outputs)
         return self
 
     def part(self, name: str) -> PartSpec:
