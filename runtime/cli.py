@@ -334,6 +334,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--topic", default=None, help="replay only messages for this exact topic")
     q.set_defaults(func=_cmd_spool_replay_dead)
 
+    from runtime.station.cli import register as register_station  # argparse only; the extra is needed to run it
+
+    register_station(sub)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m runtime.cli VERB ...``: the runtime verbs without the training/export packages."""
