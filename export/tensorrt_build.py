@@ -271,15 +271,16 @@ def build_engine(
     logger = trt_logger(trt)
     builder = trt.Builder(logger)
     flags = 0
-    if plan.strongly_typed:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    strongly = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # TensorRT 11: the only kind
+    if plan.strongly_typed and strongly is not None:
+        flags |= 1 << int(strongly)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ExportError(f"{onnx_path}: TensorRT {trt.__version__} cannot parse the ONNX: {errs}")
     config = builder.create_builder_config()
-    if plan.fp16_flag:
+    if plan.fp16_flag:  # only planned for TensorRT < 10.12, which has the flag
         config.set_flag(trt.BuilderFlag.FP16)
     tf32 = getattr(trt.BuilderFlag, "TF32", None)
     if tf32 is not None and not plan.tf32:

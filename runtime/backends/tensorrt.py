@@ -195,6 +195,20 @@ def _device_memory_size(engine: Any) -> int:
     return int(size if size is not None else engine.device_memory_size)
 
 
+def _create_user_managed_context(trt: Any, engine: Any) -> Any:
+    """An execution context that allocates no activation memory of its own (``USER_MANAGED``).
+
+    TensorRT >= 10.11 takes the strategy through an ``IRuntimeConfig`` (the form TensorRT 11 keeps); 10.0 .. 10.10
+    take it as ``create_execution_context``'s argument.
+    """
+    strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+    if hasattr(engine, "create_runtime_config"):
+        config = engine.create_runtime_config()
+        config.set_execution_context_allocation_strategy(strategy)
+        return engine.create_execution_context(config)
+    return engine.create_execution_context(strategy)
+
+
 def _set_device_memory(context: Any, ptr: int, size: int) -> None:
     """Point a ``USER_MANAGED`` context at ``size`` bytes at ``ptr``."""
     setter = getattr(context, "set_device_memory", None)  # TensorRT >= 10.1
@@ -275,7 +289,7 @@ class TensorRTBackend(Backend):
         self._scratch = check(rt.cudaMalloc(max(scratch, 256)), "cudaMalloc(scratch)")
         self._layout: dict[str, tuple[tuple[int, ...], np.dtype]] = {}  # tensor -> (shape at max batch, dtype)
         for spec, path, engine in loaded:
-            context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            context = _create_user_managed_context(trt, engine)
             if context is None:
                 raise RdedgeError(f"{path}: could not create an execution context (out of GPU memory?)")
             _set_device_memory(context, self._scratch, max(scratch, 256))
