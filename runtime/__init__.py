@@ -1,5 +1,5 @@
 """rdedge runtime: camera -> model -> MQTT. Lean on purpose: numpy, opencv, paho-mqtt and an inference backend
-(onnxruntime or tensorrt + pycuda). It never imports torch, ``training`` or ``export``; a bundle directory
+(onnxruntime or tensorrt + cuda-python). It never imports torch, ``training`` or ``export``; a bundle directory
 (ONNX parts, optional TensorRT engines and ``manifest.json``) is its only input from them."""
 
 __version__ = "0.1.0"

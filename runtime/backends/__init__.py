@@ -1,6 +1,6 @@
 """Inference backends behind one small interface (:class:`runtime.backends.base.Backend`).
 
-Each backend module imports its heavy dependency (onnxruntime, tensorrt + pycuda) lazily, so importing this package
+Each backend module imports its heavy dependency (onnxruntime, tensorrt + cuda-python) lazily, so importing this package
 costs nothing and works on a box that has only one of them.
 """
 
