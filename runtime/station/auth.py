@@ -134,7 +134,10 @@ class Sessions:
 
 
 class LoginLimiter:
-    """At most ``max_failures`` failed logins per user name and per client address in a sliding window."""
+    """At most ``max_failures`` failed logins per user name, and ``ADDR_FACTOR`` times that per client address
+    (several people share a panel PC), in a sliding window of ``window_s``."""
+
+    ADDR_FACTOR = 4
 
     def __init__(self, max_failures: int, window_s: float) -> None:
         self.max_failures = max_failures
@@ -153,9 +156,9 @@ class LoginLimiter:
         now = time.monotonic()
         with self._lock:
             wait = 0.0
-            for key in (f"u:{user}", f"a:{addr}"):
+            for key, limit in ((f"u:{user}", self.max_failures), (f"a:{addr}", self.ADDR_FACTOR * self.max_failures)):
                 d = self._recent(key, now)
-                if len(d) >= self.max_failures:
+                if len(d) >= limit:
                     wait = max(wait, self.window_s - (now - d[0]))
             return wait
 

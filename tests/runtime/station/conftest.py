@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -17,8 +18,8 @@ from runtime.config import RuntimeConfig, parse_config
 from runtime.service import run_service
 from tests.mqtt_broker import Broker, Collector, free_port, mosquitto_missing
 
-PASSWORDS = {"olga": "operator-pw-1", "erik": "engineer-pw-1", "ada": "admin-pw-123"}
-ROLES = {"olga": "operator", "erik": "engineer", "ada": "admin"}
+PASSWORDS = {"olga": "operator-pw-1", "erik": "engineer-pw-1", "ada": "admin-pw-123", "rita": "rate-limit-pw"}
+ROLES = {"olga": "operator", "erik": "engineer", "ada": "admin", "rita": "operator"}
 
 
 @dataclass
@@ -31,14 +32,15 @@ class RunningStation:
     stop: threading.Event
     thread: threading.Thread
 
-    def client(self, user: str | None = None) -> httpx.Client:
+    @contextlib.contextmanager
+    def client(self, user: str | None = None) -> Iterator[httpx.Client]:
         """An httpx client, logged in as ``user`` (CSRF header set) when given."""
-        c = httpx.Client(base_url=self.url, timeout=10)
-        if user is not None:
-            r = c.post("/api/login", json={"user": user, "password": PASSWORDS[user]})
-            assert r.status_code == 200, r.text
-            c.headers["X-CSRF-Token"] = r.json()["csrf"]
-        return c
+        with httpx.Client(base_url=self.url, timeout=10) as c:
+            if user is not None:
+                r = c.post("/api/login", json={"user": user, "password": PASSWORDS[user]})
+                assert r.status_code == 200, r.text
+                c.headers["X-CSRF-Token"] = r.json()["csrf"]
+            yield c
 
     def wait(self, pred: object, timeout: float = 15.0, what: str = "condition") -> None:
         deadline = time.monotonic() + timeout
