@@ -162,7 +162,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "progress bar shows images/s). 10%% of train/good is kept aside: every 100 steps it and synthetic defects "
         "made from it (texture, cut-paste, scratch, spot) score every candidate scoring recipe; the best "
         "(checkpoint, recipe) is checkpoint_best.pt, and selection.json records the signal, the candidates and the "
-        "choice. The same images set the threshold at export. The test set is never used.",
+        "choice. The same images set the threshold at export. The test set is never used. --objective rde trains "
+        "RD-E instead (no feature cache: a frozen expert, a tuned teacher and the student every step; selected by the "
+        "same signal, exported as the same five parts).",
     )
     train_parser(p)
     p.set_defaults(func=train_command)
