@@ -1,8 +1,9 @@
 """Live state per camera: counters (since start, per shift), fps, score history and the latest overlay JPEG.
 
-:meth:`LiveState.on_verdict` runs on the scoring thread and only counts and swaps references: a frame is offered to
-the encoder at most ``live_fps`` times a second per camera, into a *latest-value slot* (one per camera, overwritten,
-never queued). The encoder thread turns the newest offered frame into a heatmap-overlay JPEG for the page.
+:meth:`LiveState.on_verdict` runs on the scoring thread and only counts and swaps references: every verdict
+overwrites its camera's *latest-value slot* (one per camera, never queued). The encoder thread takes a slot at most
+``live_fps`` times a second per camera and turns that newest frame into a heatmap-overlay JPEG for the page, so the
+page always ends on the last frame scored (a triggered camera's last part too) and the scoring loop never waits.
 """
 
 from __future__ import annotations
@@ -45,10 +46,9 @@ class CameraLive:
     last: dict[str, Any] | None = None
     times: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=512))
     history: collections.deque[tuple[float, float]] = field(default_factory=collections.deque)  # (ts, score)
-    offered_at: float = 0.0
+    encoded_at: float = 0.0  # monotonic
     jpeg: bytes | None = None
     jpeg_meta: dict[str, Any] | None = None
-    frames_offered: int = 0
     frames_encoded: int = 0
 
 
@@ -129,11 +129,8 @@ class LiveState:
             c.last = {"seq": ev.seq, "frame_seq": ev.frame_seq, "ts": ev.ts, "score": ev.score,
                       "threshold": ev.threshold, "verdict": "NG" if ev.is_ng else "OK", "model_id": ev.model_id,
                       "latency_ms": round(ev.timings_ms.get("total", 0.0), 3)}  # fmt: skip
-            if ev.ts - c.offered_at >= self.min_gap_s:
-                c.offered_at = ev.ts
-                c.frames_offered += 1
-                self._slot[ev.camera] = ev  # latest value: an older, not yet encoded frame is simply replaced
-                self._wake.set()
+            self._slot[ev.camera] = ev  # latest value: an older, not yet encoded frame is simply replaced
+        self._wake.set()
 
     def on_frame_error(self, camera: str) -> None:
         c = self.cams[camera]
@@ -160,7 +157,7 @@ class LiveState:
                 c = self.cams[name]
                 out[name] = {"total": c.total.as_dict(), "total_since": c.total_since, "shift": c.shift.as_dict(),
                              "shift_since": self.shift_started, "last": dict(c.last) if c.last else None, "fps": fps,
-                             "frames_offered": c.frames_offered, "frames_encoded": c.frames_encoded,
+                             "frames_encoded": c.frames_encoded,
                              "image_seq": c.jpeg_meta["seq"] if c.jpeg_meta else None}  # fmt: skip
         return out
 
@@ -195,12 +192,23 @@ class LiveState:
     def _encode_loop(self) -> None:
         from runtime.overlay import encode_jpeg, overlay_heatmap
 
+        timeout = 0.5
         while not self._stop.is_set():
-            self._wake.wait(0.5)
+            self._wake.wait(timeout)
             self._wake.clear()
+            now = time.monotonic()
+            todo: list[VerdictEvent] = []
+            next_due = float("inf")
             with self._lock:
-                todo = list(self._slot.values())
-                self._slot.clear()
+                for cam in list(self._slot):
+                    c = self.cams[cam]
+                    due = c.encoded_at + self.min_gap_s
+                    if now >= due:
+                        todo.append(self._slot.pop(cam))
+                        c.encoded_at = now
+                    else:
+                        next_due = min(next_due, due)
+            timeout = min(0.5, max(0.0, next_due - time.monotonic()))
             for ev in todo:
                 try:
                     jpeg = encode_jpeg(overlay_heatmap(ev.image, ev.anomaly_map, ev.threshold), self.jpeg_quality)
