@@ -48,7 +48,7 @@ class UserStore:
                          "hash TEXT NOT NULL, created REAL NOT NULL)")  # fmt: skip
         self._lock = threading.Lock()
         self._ph = PasswordHasher()
-        self._dummy = self._ph.hash(secrets.token_hex(16))  # verify against it for unknown users: same cost
+        self._dummy: str | None = None  # verified against for unknown user names: same cost as a real check
 
     def add(self, name: str, role: str, password: str) -> None:
         """Create or replace a user. Raises :class:`AuthError` for a bad name, role or a short password."""
@@ -80,8 +80,11 @@ class UserStore:
         """The user's role when the password matches, else ``None`` (same argon2 cost for unknown users)."""
         with self._lock:
             row = self._db.execute("SELECT role, hash FROM users WHERE name = ?", (name,)).fetchone()
+        if row is None and self._dummy is None:
+            self._dummy = self._ph.hash(secrets.token_hex(16))
+        stored: str = row[1] if row else self._dummy
         try:
-            self._ph.verify(row[1] if row else self._dummy, password)
+            self._ph.verify(stored, password)
         except (VerificationError, InvalidHashError):
             return None
         return row[0] if row else None

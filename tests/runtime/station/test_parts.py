@@ -4,6 +4,7 @@ threshold sidecar, the ``rdedge[ui]`` extra being optional, and the user CLI."""
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import subprocess
 import sys
@@ -148,17 +149,20 @@ def test_ui_extra_is_optional() -> None:
     assert "pip install 'rdedge[ui]'" in res.stdout and "fastapi" in res.stdout
 
 
-def test_user_cli(tmp_path: Path) -> None:
+def test_user_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from runtime.cli import main
+
     cfg = tmp_path / "c.yaml"
     cfg.write_text(json.dumps({"bundle": "b", "cameras": [CAM], "ui": {"state_dir": str(tmp_path / "st")}}))
-    cli = [sys.executable, "-m", "runtime.cli", "station", "user"]
-    run = lambda *a, stdin="": subprocess.run([*cli, *a, "--config", str(cfg)], input=stdin, capture_output=True,  # noqa: E731
-                                              text=True, timeout=60, cwd=ROOT)  # fmt: skip
-    r = run("add", "ada", "--role", "admin", "--password-stdin", stdin="long-enough-pw\n")
-    assert r.returncode == 0, r.stderr
-    r = run("add", "bob", "--role", "operator", "--password-stdin", stdin="short\n")
-    assert r.returncode == 1 and "at least 8" in r.stderr
-    assert json.loads(run("list").stdout) == [{"name": "ada", "role": "admin"}]
+
+    def run(*args: str, stdin: str = "") -> int:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        return main(["station", "user", *args, "--config", str(cfg)])
+
+    assert run("add", "ada", "--role", "admin", "--password-stdin", stdin="long-enough-pw\n") == 0
+    assert run("add", "bob", "--role", "operator", "--password-stdin", stdin="short\n") == 1
+    assert "at least 8" in capsys.readouterr().err
+    assert run("list") == 0 and json.loads(capsys.readouterr().out) == [{"name": "ada", "role": "admin"}]
     from runtime.station.auth import UserStore
 
     users = UserStore(tmp_path / "st" / "users.sqlite3")
@@ -166,4 +170,6 @@ def test_user_cli(tmp_path: Path) -> None:
     assert (tmp_path / "st" / "users.sqlite3").stat().st_mode & 0o077 == 0
     row = users._db.execute("SELECT hash FROM users").fetchone()[0]
     assert row.startswith("$argon2id$") and "long-enough-pw" not in row
-    assert run("delete", "ada").returncode == 0 and json.loads(run("list").stdout) == []
+    assert run("delete", "ada") == 0
+    capsys.readouterr()
+    assert run("list") == 0 and json.loads(capsys.readouterr().out) == []
