@@ -80,9 +80,12 @@ class UserStore:
         """The user's role when the password matches, else ``None`` (same argon2 cost for unknown users)."""
         with self._lock:
             row = self._db.execute("SELECT role, hash FROM users WHERE name = ?", (name,)).fetchone()
-        if row is None and self._dummy is None:
-            self._dummy = self._ph.hash(secrets.token_hex(16))
-        stored: str = row[1] if row else self._dummy
+        if row is not None:
+            stored = str(row[1])
+        else:
+            if self._dummy is None:
+                self._dummy = self._ph.hash(secrets.token_hex(16))
+            stored = self._dummy
         try:
             self._ph.verify(stored, password)
         except (VerificationError, InvalidHashError):
