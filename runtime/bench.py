@@ -3,14 +3,21 @@
 Cold start is measured the way a service restart feels it: from the call (before the bundle is read and hashed) to
 the first prediction's result. Stage latencies come from :attr:`runtime.engine.Prediction.timings_ms`; the frame is
 fed at the camera's size (``image`` as decoded, or a synthetic 1280x720 frame) so preprocessing includes the resize.
+
+:func:`compare` (``rdedge bench --compare``) runs :func:`bench` for every backend setting the box can run (ONNX
+Runtime CPU / CUDA, chain / fused, TensorRT with and without CUDA graph) on one or more bundles (e.g. the FP32 export
+and an INT8 one), each in its own process, and :func:`comparison_table` lays them side by side.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,6 +26,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from runtime.bundle import Manifest, load_manifest
 from runtime.config import BackendConfig
 from runtime.engine import AnomalyModel
 from runtime.errors import DataError
@@ -138,3 +146,110 @@ def bench(
         result["fps"] or 0.0,
     )
     return result
+
+
+def bundle_precision(manifest: Manifest) -> str:
+    """A short label of what a bundle runs in: the parts' ONNX precision (``fp32``, ``int8``..) and its engines'."""
+    parts = sorted({str(p.precision) for p in manifest.parts})
+    label = "+".join(parts)
+    engines = sorted({e.precision for e in manifest.engines})
+    return f"{label} (engines {'+'.join(engines)})" if engines else label
+
+
+def comparison_variants(manifest: Manifest) -> list[tuple[str, BackendConfig]]:
+    """The backend settings this box can run for a bundle, cheapest to set up first.
+
+    ONNX Runtime CPU (chain, and fused when the bundle has it); ONNX Runtime CUDA when the installed onnxruntime has
+    the CUDA provider; TensorRT (chain, chain + CUDA graph, fused) when the bundle has engines and tensorrt imports.
+    Engines built for another device are still listed: their row then says why they cannot run.
+    """
+    out = [("onnxruntime cpu", BackendConfig())]
+    if manifest.fused is not None:
+        out.append(("onnxruntime cpu fused", BackendConfig(fused=True)))
+    try:
+        import onnxruntime
+
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            out.append(("onnxruntime cuda", BackendConfig(device="cuda")))
+    except ImportError:
+        pass
+    if manifest.engines and importlib.util.find_spec("tensorrt") is not None:
+        out.append(("tensorrt", BackendConfig(kind="tensorrt")))
+        out.append(("tensorrt cuda graph", BackendConfig(kind="tensorrt", cuda_graph=True)))
+        if any(e.part == "fused" for e in manifest.engines):
+            out.append(("tensorrt fused", BackendConfig(kind="tensorrt", fused=True)))
+    return out
+
+
+def compare(
+    bundles: list[Path], frames: int = 200, warmup: int = 10, image: Path | None = None, timeout_s: float = 600.0
+) -> list[dict[str, Any]]:
+    """Bench every bundle under every backend setting this box can run, each in a fresh process.
+
+    A fresh process per row keeps ``peak_rss_mb`` the row's own (``ru_maxrss`` only grows) and the cold start cold.
+
+    Returns:
+        One dict per row: ``bundle``, ``model_id``, ``precision``, ``variant``, and either ``result`` (the
+        :func:`bench` dict) or ``error`` (one line: why the row could not run).
+    """
+    rows: list[dict[str, Any]] = []
+    for bundle_dir in bundles:
+        manifest = load_manifest(bundle_dir, verify=False)
+        for label, cfg in comparison_variants(manifest):
+            row: dict[str, Any] = {"bundle": str(bundle_dir), "model_id": manifest.model_id,
+                                   "precision": bundle_precision(manifest), "variant": label}  # fmt: skip
+            code = (
+                "import json, sys\n"
+                "from pathlib import Path\n"
+                "from runtime.bench import bench\n"
+                "from runtime.config import BackendConfig\n"
+                "a = json.loads(sys.argv[1])\n"
+                "r = bench(Path(a['bundle']), BackendConfig.model_validate(a['cfg']), frames=a['frames'],\n"
+                "          warmup=a['warmup'], image=Path(a['image']) if a['image'] else None)\n"
+                "print('\\n' + json.dumps(r))\n"
+            )
+            arg = {"bundle": str(bundle_dir), "cfg": cfg.model_dump(mode="json"), "frames": frames,
+                   "warmup": warmup, "image": str(image) if image else None}  # fmt: skip
+            try:
+                res = subprocess.run([sys.executable, "-c", code, json.dumps(arg)], capture_output=True, text=True,
+                                     timeout=timeout_s, cwd=_repo_root())  # fmt: skip
+            except subprocess.TimeoutExpired:
+                row["error"] = f"timed out after {timeout_s:.0f} s"
+            else:
+                if res.returncode == 0:
+                    row["result"] = json.loads(res.stdout.strip().splitlines()[-1])
+                else:
+                    lines = [ln for ln in res.stderr.strip().splitlines() if ln.strip()]
+                    row["error"] = lines[-1][:300] if lines else f"exit {res.returncode}"
+            logger.info("bench %s / %s: %s", manifest.model_id, label, "ok" if "result" in row else row["error"])
+            rows.append(row)
+    return rows
+
+
+def _repo_root() -> str:
+    """Folder from which ``import runtime`` finds this package (the child processes import it the same way)."""
+    return str(Path(__file__).resolve().parents[1])
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of :func:`compare` rows: end-to-end and model-only p50 / p99, frames/s, peak RSS, cold start."""
+    head = (
+        "| bundle | precision | backend | total p50 / p99 ms | model p50 / p99 ms | frames/s | peak RSS MiB | "
+        "cold start ms |\n|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for row in rows:
+        name = f"{row['model_id']}"
+        if "result" not in row:
+            lines.append(f"| {name} | {row['precision']} | {row['variant']} | not run: {row['error']} | | | | |")
+            continue
+        r = row["result"]
+        st = r["stages_ms"]
+        model = [k for k in st if k not in ("preprocess", "total", "classifier")]
+        # model time: the sum of the backend's stage p50s / p99s (an upper bound of the p99 of the sum)
+        m50, m99 = sum(st[k]["p50"] for k in model), sum(st[k]["p99"] for k in model)
+        lines.append(
+            f"| {name} | {row['precision']} | {row['variant']} | {st['total']['p50']:.2f} / {st['total']['p99']:.2f} "
+            f"| {m50:.2f} / {m99:.2f} | {r['fps']:.1f} | {r['peak_rss_mb']:.0f} | {r['cold_start_ms']:.0f} |"
+        )
+    return "\n".join(lines)

@@ -190,9 +190,15 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from runtime.bench import bench
+    from runtime.bench import bench, compare, comparison_table
     from runtime.config import BackendConfig
 
+    if args.compare:
+        rows = compare([Path(args.bundle), *args.also], frames=args.frames, warmup=args.warmup, image=args.image)
+        if args.json_out is not None:
+            args.json_out.write_text(json.dumps(rows, indent=2))
+        print(comparison_table(rows))
+        return 0 if any("result" in r for r in rows) else 1
     try:
         backend = BackendConfig.model_validate(
             {"kind": args.backend, "device": args.device, "threads": args.threads, "fused": args.fused}
@@ -310,6 +316,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="onnxruntime CPU threads (0: default)")
     p.add_argument("--fused", action="store_true", help="run the fused model.onnx instead of the chain")
     p.add_argument("--image", type=Path, default=None, help="frame to feed (default: synthetic 1280x720)")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="bench every backend this box can run (ORT CPU/CUDA, chain/fused, TensorRT +- CUDA graph), each in its "
+        "own process, and print them side by side (--backend/--device/--threads/--fused are then ignored)",
+    )
+    p.add_argument(
+        "--also", type=Path, action="append", default=[], help="with --compare: another bundle (e.g. the int8 one)"
+    )
+    p.add_argument("--json-out", type=Path, default=None, help="with --compare: write the rows as JSON here")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -57,3 +58,31 @@ def test_bench_errors(tiny_bundle: Path, tmp_path: Path) -> None:
         bench(tiny_bundle, BackendConfig(), frames=1, image=tmp_path / "missing.png")
     with pytest.raises(ValueError, match="frames must be >= 1"):
         bench(tiny_bundle, BackendConfig(), frames=0)
+
+
+def test_compare_lays_backends_and_bundles_side_by_side(
+    tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from runtime.bench import compare, comparison_table
+    from runtime.cli import main
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_bundle, other)
+    rows = compare([tiny_bundle, other], frames=3, warmup=0)
+    variants = [(r["bundle"], r["variant"]) for r in rows]
+    assert variants[:2] == [(str(tiny_bundle), "onnxruntime cpu"), (str(tiny_bundle), "onnxruntime cpu fused")]
+    assert len(rows) == 2 * len([v for v in variants if v[0] == str(tiny_bundle)])
+    for r in rows:
+        assert "result" in r, r.get("error")
+        assert r["precision"] == "fp32" and r["result"]["peak_rss_mb"] > 10
+    table = comparison_table(rows).splitlines()
+    assert table[0].startswith("| bundle | precision | backend | total p50 / p99 ms")
+    assert len(table) == 2 + len(rows) and "| fp32 | onnxruntime cpu fused |" in table[3]
+    # a row that cannot run says why instead of disappearing
+    broken = {k: v for k, v in rows[0].items() if k != "result"} | {"error": "boom"}
+    assert "| onnxruntime cpu | not run: boom |" in comparison_table([broken])
+    assert main(["bench", "--bundle", str(tiny_bundle), "--compare", "--frames", "2", "--warmup", "0",
+                 "--json-out", str(tmp_path / "rows.json")]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| tiny-rd-s64-seed0 | fp32 | onnxruntime cpu |" in out
+    assert json.loads((tmp_path / "rows.json").read_text())[0]["variant"] == "onnxruntime cpu"
