@@ -185,6 +185,7 @@ class _Part:
     name: str
     engine: Any  # trt.ICudaEngine
     context: Any  # trt.IExecutionContext
+    runtime_config: Any  # trt.IRuntimeConfig it was created with (TensorRT >= 10.11), else None
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
 
@@ -195,18 +196,21 @@ def _device_memory_size(engine: Any) -> int:
     return int(size if size is not None else engine.device_memory_size)
 
 
-def _create_user_managed_context(trt: Any, engine: Any) -> Any:
+def _create_user_managed_context(trt: Any, engine: Any) -> tuple[Any, Any]:
     """An execution context that allocates no activation memory of its own (``USER_MANAGED``).
 
     TensorRT >= 10.11 takes the strategy through an ``IRuntimeConfig`` (the form TensorRT 11 keeps); 10.0 .. 10.10
     take it as ``create_execution_context``'s argument.
+
+    Returns:
+        ``(context, runtime_config or None)``; the caller keeps the config alive as long as the context.
     """
     strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
     if hasattr(engine, "create_runtime_config"):
         config = engine.create_runtime_config()
         config.set_execution_context_allocation_strategy(strategy)
-        return engine.create_execution_context(config)
-    return engine.create_execution_context(strategy)
+        return engine.create_execution_context(config), config
+    return engine.create_execution_context(strategy), None
 
 
 def _set_device_memory(context: Any, ptr: int, size: int) -> None:
@@ -289,11 +293,11 @@ class TensorRTBackend(Backend):
         self._scratch = check(rt.cudaMalloc(max(scratch, 256)), "cudaMalloc(scratch)")
         self._layout: dict[str, tuple[tuple[int, ...], np.dtype]] = {}  # tensor -> (shape at max batch, dtype)
         for spec, path, engine in loaded:
-            context = _create_user_managed_context(trt, engine)
+            context, runtime_config = _create_user_managed_context(trt, engine)
             if context is None:
                 raise RdedgeError(f"{path}: could not create an execution context (out of GPU memory?)")
             _set_device_memory(context, self._scratch, max(scratch, 256))
-            part = _Part(spec.name, engine, context)
+            part = _Part(spec.name, engine, context, runtime_config)
             self._parts.append(part)
             for i in range(engine.num_io_tensors):
                 tname = engine.get_tensor_name(i)
@@ -478,6 +482,7 @@ class TensorRTBackend(Backend):
         attempt("dropping the CUDA graph", self._drop_graph)
         for part in reversed(self._parts):  # contexts before engines before the runtime
             part.context = None
+            part.runtime_config = None
             part.engine = None
         self._parts = []
         self._runtime = None
