@@ -118,6 +118,8 @@ async function loadArchive() {
 }
 
 function initArchive() {
+  const q = new URLSearchParams(location.search);  // /archive?verdict=NG&camera=cam1: a link to a filtered view
+  for (const k of ["camera", "verdict", "review"]) { if (q.get(k)) $(`#f-${k}`).value = q.get(k); }
   $$("#filters select").forEach((s) => s.addEventListener("change", loadArchive));
   loadArchive();
 }
@@ -142,7 +144,8 @@ function drawHist(scores, good, value, lo, hi) {
 async function initThreshold() {
   const d = await api("GET", "/api/threshold");
   const all = d.scores.concat(d.reviewed.good, d.reviewed.defect, [d.threshold]);
-  const lo = 0, hi = Math.max(...all) * 1.2;
+  const min = Math.min(...all), max = Math.max(...all), pad = Math.max((max - min) * 0.15, Math.abs(max) * 0.01, 1e-9);
+  const lo = min - pad, hi = max + pad;
   const s = $("#slider");
   s.min = lo; s.max = hi; s.value = d.threshold;
   $("#t-current").textContent = fmt(d.threshold);
