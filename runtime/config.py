@@ -237,6 +237,9 @@ class StationConfig(_Strict):
     login_window_s: float = Field(300.0, gt=0, description="login rate-limit window (s)")
     max_request_kb: int = Field(64, ge=1, le=1_048_576, description="larger request bodies are refused (413)")
     tls: StationTlsConfig | None = Field(None, description="serve HTTPS with this certificate")
+    bundles_dir: Path | None = Field(
+        None, description="bundles offered for a hot swap, one folder each (default <state_dir>/bundles)"
+    )
     archive: StationArchiveConfig = Field(default_factory=StationArchiveConfig, description="NG archive")
 
     @field_validator("shifts")
