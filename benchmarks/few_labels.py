@@ -175,6 +175,7 @@ def main() -> int:
     ap.add_argument("--cnn-epochs", type=int, default=30)
     ap.add_argument("--work", type=Path, default=Path("/tmp/rdedge-bench/few_labels"))
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--merge", action="store_true", help="keep other datasets' rows of an existing few_labels.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(2)
@@ -186,6 +187,13 @@ def main() -> int:
         ds = describe_dataset(name, args.datasets / name, Path(run), args.work)
         for r in run_dataset(ds, args.fractions, args.draws, args.cnn_draws, args.cnn_epochs):
             rows.append({"dataset": name, **r})
+    done = {spec.split("=", 1)[0] for spec in args.runs}
+    previous = args.results / "few_labels.json"
+    kept_runs: dict[str, str] = {}
+    if args.merge and previous.is_file():  # keep the other datasets' draws from an earlier invocation
+        old = json.loads(previous.read_text())
+        rows = [r for r in old["rows"] if r["dataset"] not in done] + rows
+        kept_runs = {k: v for k, v in old["conditions"]["runs"].items() if k not in done}
     summary = summarise(rows)
     f1_10 = {r["dataset"]: r["f1"] for r in summary if r["method"] == "classifier" and abs(r["fraction"] - 0.10) < 1e-9}
     target = {d: {"f1": v, "holds": v >= 0.75} for d, v in f1_10.items()}
@@ -196,7 +204,7 @@ def main() -> int:
             "host": platform.node(),
             "cpu_threads": os.cpu_count(),
             "note": "2-core CPU shared with other jobs; timings indicative only",
-            "runs": dict(s.split("=", 1) for s in args.runs),
+            "runs": {**kept_runs, **dict(s.split("=", 1) for s in args.runs)},
             "fractions": args.fractions,
             "draws": args.draws,
             "cnn_draws": args.cnn_draws,

@@ -27,7 +27,14 @@ def export_command(args: argparse.Namespace) -> int:
     )
     if args.parity_tol is not None:
         opts.parity_tol = args.parity_tol
-    out, manifest = export_bundle(opts)
+    from training.fewshot import is_fewshot_run
+
+    if is_fewshot_run(args.run):  # rdedge train --shots K: teacher, density, score
+        from export.fewshot_export import export_fewshot
+
+        out, manifest = export_fewshot(opts)
+    else:
+        out, manifest = export_bundle(opts)
     thr = manifest.threshold
     print(f"model {manifest.model_id}: threshold {thr.value:.6g} ({thr.source})")
     if thr.f1_optimal:

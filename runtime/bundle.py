@@ -44,6 +44,9 @@ MANIFEST_NAME = "manifest.json"
 CHAIN = ("teacher", "projection", "ocbe", "decoder", "score")
 #: The chain with the optional density head (its map is fused into the score part's).
 CHAIN_WITH_DENSITY = ("teacher", "projection", "ocbe", "decoder", "density", "score")
+#: The few-shot chain (``rdedge train --shots K``): fine-tuned teacher, per-position density, score (the image score
+#: is the Mahalanobis distance of the pooled embedding, computed in the score part from f1..f3).
+CHAIN_FEWSHOT = ("teacher", "density", "score")
 
 
 class _Strict(BaseModel):
@@ -174,8 +177,11 @@ class Manifest(_Strict):
     @model_validator(mode="after")
     def _chain_complete(self) -> Manifest:
         names = [p.name for p in self.parts]
-        if names not in (list(CHAIN), list(CHAIN_WITH_DENSITY)):
-            raise ValueError(f"parts must be {list(CHAIN)} (or with 'density' before 'score') in order, got {names}")
+        if names not in (list(CHAIN), list(CHAIN_WITH_DENSITY), list(CHAIN_FEWSHOT)):
+            raise ValueError(
+                f"parts must be {list(CHAIN)} (or with 'density' before 'score', or the few-shot "
+                f"{list(CHAIN_FEWSHOT)}) in order, got {names}"
+            )
         specs: list[PartSpec | EngineSpec | CalibrationSpec] = [
             *self.parts,
             *([self.fused] if self.fused else []),

@@ -72,13 +72,46 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help="RD-E guided information injection at the two decoder junctions: gated by the per-pixel "
         "cos(decoder, teacher) (default), ungated, or off (plain RD decoder)",
     )
+    p.add_argument(
+        "--shots",
+        type=int,
+        metavar="K",
+        help="few-shot mode (COFT-AD, seed 001): learn from K (1..32) good images drawn with --seed: contrastive "
+        "fine-tuning of the teacher, Mahalanobis image score, per-position density map, threshold by leave-one-out "
+        "on the K images; writes OUT/fewshot.pt ('rdedge export' turns it into a bundle). Uses --backbone, "
+        "--image-size (default 128 here), --steps (default 40), --seed; other options do not apply",
+    )
+    p.add_argument(
+        "--negatives",
+        choices=["none", "synth"],
+        default="none",
+        help="few-shot: synth adds synthesised defects as contrastive negatives (default none)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from checkpoint_last.pt in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     return p
 
 
+def fewshot_command(args: argparse.Namespace) -> int:
+    """``rdedge train --shots K``: :func:`training.fewshot.train_fewshot`."""
+    from training.fewshot import FewShotConfig, train_fewshot
+
+    fields = {"shots": args.shots, "negatives": args.negatives, "backbone": args.backbone,
+              "image_size": args.image_size, "steps": args.steps, "seed": args.seed, "lr": args.lr}  # fmt: skip
+    try:
+        cfg = FewShotConfig(**{k: v for k, v in fields.items() if v is not None})
+    except ValueError as exc:  # pydantic's message names the field (shots, image_size, ...)
+        from training.errors import ConfigError
+
+        raise ConfigError(f"--shots mode: {exc}") from None
+    print(train_fewshot(args.data, args.out, cfg))
+    return 0
+
+
 def train_command(args: argparse.Namespace) -> int:
     _check_torch()
+    if args.shots is not None:
+        return fewshot_command(args)
     from training.config import load_train_config
     from training.train import fit
 

@@ -28,6 +28,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -335,3 +336,99 @@ def _score_emb(g: EmbeddingGaussian, emb: Tensor) -> np.ndarray:
     """``(N, D)`` embeddings -> ``(N,)`` Mahalanobis distances under ``g``."""
     with torch.no_grad():
         return ((emb - g.mean) @ g.prec_chol).pow(2).sum(dim=1).clamp_min(0.0).sqrt().double().numpy()
+
+
+# ------------------------------------------------------------------------------------------------ run folder I/O
+
+CHECKPOINT_NAME = "fewshot.pt"
+CHECKPOINT_KIND = "rdedge-fewshot"
+
+
+def choose_shots(data: str | Path, shots: int, seed: int) -> list[Path]:
+    """``shots`` good images drawn (numpy seed ``seed``) from ``data/train/good`` (or a folder of good images).
+
+    Raises:
+        DataError: the folder is missing or holds fewer than ``shots`` images.
+    """
+    from training.data import discover
+    from training.errors import DataError
+
+    good = sorted(s.path for s in discover(data, val_fraction=0.0, seed=seed).train)
+    if len(good) < shots:
+        raise DataError(f"{data}: --shots {shots} but only {len(good)} good training images")
+    idx = np.sort(np.random.default_rng(seed).choice(len(good), shots, replace=False))
+    return [good[i] for i in idx]
+
+
+def load_images01(paths: list[Path], size: int) -> Tensor:
+    """Decode ``paths`` -> ``(N, 3, size, size)`` float32 RGB in [0, 1] (training's decoding and resizing)."""
+    from training.data import preprocess, read_image
+
+    zeros, ones = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return torch.from_numpy(np.stack([preprocess(read_image(p), (size, size), zeros, ones) for p in paths]))
+
+
+def train_fewshot(data: str | Path, out: str | Path, cfg: FewShotConfig) -> Path:
+    """``rdedge train --shots K``: draw K good images, :func:`fit_fewshot`, write ``out/fewshot.pt``; returns it.
+
+    The checkpoint is a plain dict (tensors, numbers, strings; ``torch.load(weights_only=True)`` reads it): ``kind``,
+    ``config`` (:class:`FewShotConfig`), ``model`` (the :class:`FewShotModel` state_dict), ``threshold`` (value,
+    rule, the held-out scores), ``shots`` (the image paths) and ``log``.
+    """
+    import json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = choose_shots(data, cfg.shots, cfg.seed)
+    log.info("few-shot: K = %d good images from %s: %s", cfg.shots, data, ", ".join(p.name for p in paths))
+    res = fit_fewshot(load_images01(paths, cfg.image_size), cfg)
+    ckpt = {
+        "kind": CHECKPOINT_KIND,
+        "version": 1,
+        "config": cfg.model_dump(),
+        "model": res.model.state_dict(),
+        "threshold": {
+            "value": res.threshold,
+            "rule": res.threshold_rule,
+            "scores": [float(s) for s in res.threshold_scores],
+        },
+        "shots": [str(p) for p in paths],
+        "log": res.log,
+        "seconds": res.seconds,
+    }
+    path = out / CHECKPOINT_NAME
+    torch.save(ckpt, path)
+    (out / "fewshot.json").write_text(json.dumps({k: v for k, v in ckpt.items() if k != "model"}, indent=2))
+    return path
+
+
+def is_fewshot_run(run: str | Path) -> bool:
+    """A run folder (or checkpoint file) written by :func:`train_fewshot`."""
+    run = Path(run)
+    return (run / CHECKPOINT_NAME).is_file() or (run.is_file() and run.name == CHECKPOINT_NAME)
+
+
+def load_fewshot(run: str | Path) -> tuple[FewShotModel, FewShotConfig, dict]:
+    """Rebuild the eval-mode :class:`FewShotModel` of a few-shot run; returns ``(model, config, checkpoint)``.
+
+    Raises:
+        CheckpointError: missing or foreign checkpoint, or weights that do not fit the stored config.
+    """
+    from training.errors import CheckpointError
+
+    run = Path(run)
+    path = run / CHECKPOINT_NAME if run.is_dir() else run
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (a run folder written by 'rdedge train --shots K'?)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
+        raise CheckpointError(f"{path}: not a few-shot checkpoint")
+    cfg = FewShotConfig.model_validate(ckpt["config"])
+    spec = get_spec(cfg.backbone)
+    model = FewShotModel(build_teacher(cfg.backbone, pretrained=False), spec.channels, cfg.image_size,
+                         cfg.density_dims, cfg.sigma)  # fmt: skip
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit {cfg.backbone} ({str(exc)[:200]})") from None
+    return model.eval(), cfg, ckpt
