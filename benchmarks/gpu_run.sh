@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Issue 15's GPU figures in one command on a lent GPU machine (H100/H200), well under 10 minutes:
 #
-#   OUT=/some/dir benchmarks/gpu_run.sh          # results: $OUT/*.json, $OUT/*.log, $OUT/gpu_tests.xml
+#   OUT=/some/dir benchmarks/gpu_run.sh
+#
+# Results (7 files): gpu_run.log (steps, pip, nvidia-smi, pip list), gpu_tests.{log,xml}, gpu_bench.{json,log},
+# gpu_bench_ort_cuda.{json,log}.
 #
 # 1. Python packages: whatever imports already is used; otherwise wheels from ./.whl (if the folder exists: an
 #    offline machine) or from the package index. TensorRT, cuda-python and onnxruntime-gpu are pinned below; override
@@ -35,19 +38,20 @@ else
 fi
 ORT_GPU_SPEC=${ORT_GPU_SPEC:-onnxruntime-gpu[cuda,cudnn]>=1.20}
 say "driver CUDA $CUDA_MAJOR; python $($PY -V 2>&1)"
-nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+LOG="$OUT/gpu_run.log"  # pip output, nvidia-smi and pip list go here too (8 files at most come back)
+nvidia-smi >>"$LOG" 2>&1
 
 PIP=("$PY" -m pip install -q --no-cache-dir --disable-pip-version-check --retries 1 --timeout 15)
 if [[ -d .whl ]]; then
   say "installing the wheels in .whl into /tmp/site (offline)"
-  timeout "$(cap 120)" "${PIP[@]}" --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl >>"$OUT/pip.log" 2>&1 ||
-    say "wheel install failed (see pip.log)"
+  timeout "$(cap 120)" "${PIP[@]}" --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 ||
+    say "wheel install failed (see above)"
   export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 need() {  # need MODULE SPEC: install SPEC unless MODULE imports
   if "$PY" -c "import $1" 2>/dev/null; then say "$1: present"; return; fi
   say "$1: installing $2"
-  timeout "$(cap 150)" "${PIP[@]}" "$2" >>"$OUT/pip.log" 2>&1 || say "$1: install of $2 failed (see pip.log)"
+  timeout "$(cap 150)" "${PIP[@]}" "$2" >>"$LOG" 2>&1 || say "$1: install of $2 failed (see above)"
 }
 need pydantic 'pydantic>=2.5'
 need paho 'paho-mqtt>=2.0'
@@ -59,9 +63,9 @@ need tensorrt "$TRT_SPEC"
 if ! PYTHONPATH="/tmp/ortgpu:$PYTHONPATH" "$PY" -c \
   'import onnxruntime as o, sys; sys.exit("CUDAExecutionProvider" not in o.get_available_providers())' 2>/dev/null; then
   say "onnxruntime-gpu: installing $ORT_GPU_SPEC into /tmp/ortgpu"
-  timeout "$(cap 150)" "${PIP[@]}" --target /tmp/ortgpu "$ORT_GPU_SPEC" >>"$OUT/pip.log" 2>&1 || say "onnxruntime-gpu install failed"
+  timeout "$(cap 150)" "${PIP[@]}" --target /tmp/ortgpu "$ORT_GPU_SPEC" >>"$LOG" 2>&1 || say "onnxruntime-gpu install failed"
 fi
-"$PY" -m pip list 2>/dev/null | grep -iE '^(tensorrt|cuda|onnx|torch|numpy|pydantic|opencv)' >"$OUT/pip-list.txt"
+"$PY" -m pip list 2>/dev/null | grep -iE '^(tensorrt|cuda|onnx|torch|numpy|pydantic|opencv)' >>"$LOG"
 
 say "pytest -m gpu"
 timeout "$(cap 200)" "$PY" -m pytest -m gpu -q -p no:cacheprovider -o addopts="" -rs \
