@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from runtime.station.archive import ArchiveError
 from runtime.station.auth import ROLES, AuthError, Session, role_rank
+from runtime.station.swap import SwapError
 from runtime.station.threshold import write_sidecar
 
 if TYPE_CHECKING:
@@ -55,6 +56,10 @@ class ReviewBody(_Body):
 
 class ThresholdBody(_Body):
     value: float = Field(..., description="new NG threshold, score units")
+
+
+class SwapBody(_Body):
+    name: str = Field(..., min_length=1, max_length=128, description="a folder in ui.bundles_dir")
 
 
 class UserBody(_Body):
@@ -141,6 +146,7 @@ def create_app(st: Station) -> FastAPI:
     app.get("/threshold")(page("threshold", "engineer"))
     app.get("/audit")(page("audit", "engineer"))
     app.get("/users")(page("users", "admin"))
+    app.get("/models")(page("models", "engineer"))
 
     @app.get("/")
     def root(request: Request) -> Response:
@@ -251,9 +257,36 @@ def create_app(st: Station) -> FastAPI:
         if not math.isfinite(body.value) or body.value <= 0:
             raise HTTPException(422, f"value: must be a finite positive score, got {body.value}")
         old = st.threshold
-        doc = write_sidecar(st.sidecar_path, body.value, s.user)
+        doc = write_sidecar(st.sidecar_path, body.value, s.user, st.service.model.model_id if st.service and
+                            st.service.model else None)  # fmt: skip
         st.audit.record(s.user, "threshold", "*", old, body.value, addr(request))
         return {"old": old, "new": body.value, "sidecar": str(st.sidecar_path), "written": doc}
+
+    # -- model hot swap ----------------------------------------------------------------------------------------------
+
+    @app.get("/api/models")
+    def models(s: Session = operator) -> dict[str, Any]:
+        assert st.swapper is not None
+        return {**st.swapper.status(), "bundles": st.swapper.bundles()}
+
+    @app.post("/api/models/swap")
+    def model_swap(body: SwapBody, s: Session = engineer) -> dict[str, Any]:
+        assert st.swapper is not None
+        try:
+            path = st.swapper.resolve(body.name)
+            st.swapper.swap(path, s.user)
+        except SwapError as exc:
+            raise HTTPException(404 if "no bundle" in str(exc) else 409, str(exc)) from None
+        return {"swapping_to": body.name, **st.swapper.status()}
+
+    @app.post("/api/models/rollback")
+    def model_rollback(s: Session = engineer) -> dict[str, Any]:
+        assert st.swapper is not None
+        try:
+            path = st.swapper.rollback(s.user)
+        except SwapError as exc:
+            raise HTTPException(409, str(exc)) from None
+        return {"swapping_to": str(path), **st.swapper.status()}
 
     # -- audit and users ---------------------------------------------------------------------------------------------
 

@@ -171,6 +171,12 @@ class LiveState:
             names = [camera] if camera else list(self.cams)
             return [s for n in names for _, s in self.cams[n].history]
 
+    def clear_history(self) -> None:
+        """Forget the score history (after a model swap)."""
+        with self._lock:
+            for c in self.cams.values():
+                c.history.clear()
+
     def reset(self, camera: str | None, scope: str) -> dict[str, dict[str, int]]:
         """Zero the ``"shift"`` or ``"total"`` counters of one camera (or all); returns the old values."""
         with self._lock:

@@ -25,6 +25,7 @@ from runtime.station.audit import AuditLog
 from runtime.station.auth import LoginLimiter, Sessions, UserStore
 from runtime.station.live import LiveState
 from runtime.station.metrics import Metrics
+from runtime.station.swap import ModelSwapper
 from runtime.station.threshold import SidecarError, SidecarWatcher, read_sidecar
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ class Station(Output):
         self.sidecar_path = ui.state_dir / "threshold.json"
         self.service: Service | None = None
         self._watcher: SidecarWatcher | None = None
+        self.swapper: ModelSwapper | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -75,6 +77,10 @@ class Station(Output):
                 link.enqueue_plain([OutMessage(topic, body, qos=qos)])
 
             self.audit.publish = publish
+        self.swapper = ModelSwapper(service, self.ui.bundles_dir or self.ui.state_dir / "bundles",
+                                    self.ui.state_dir / "active_bundle.json", self._swapped,
+                                    self._swap_refused)  # fmt: skip
+        self.swapper.restore()
         try:
             doc = read_sidecar(self.sidecar_path)
         except SidecarError as exc:
@@ -147,6 +153,10 @@ class Station(Output):
         """Set the model's threshold (scoring thread, or before the cameras start) and publish it retained."""
         svc = self.service
         assert svc is not None and svc.model is not None
+        if doc.get("model_id") not in (None, svc.model.model_id):
+            log.warning("threshold override in %s is for model %s, not the running %s: ignored", self.sidecar_path,
+                        doc.get("model_id"), svc.model.model_id)  # fmt: skip
+            return
         old = svc.model.threshold
         svc.model.threshold = doc["threshold"]
         log.info("threshold %.6g -> %.6g (override by %s, %s)", old, doc["threshold"], doc.get("by"), self.sidecar_path)
@@ -155,6 +165,14 @@ class Station(Output):
                     "by": doc.get("by"), "source": str(self.sidecar_path), "model_id": svc.model.model_id}  # fmt: skip
             topic = f"{svc.link.topics.base}/threshold"
             svc.link.enqueue_plain([OutMessage(topic, json.dumps(body).encode(), qos=1, retain=True)])
+
+    def _swapped(self, old_id: str, new: Any, user: str) -> None:
+        self.live.clear_history()  # the old model's scores are on another scale
+        self.audit.record(user, "model_swap", new.bundle_dir.name, old_id, new.model_id)
+
+    def _swap_refused(self, user: str, bundle: Any, why: str) -> None:
+        current = self.service.model.model_id if self.service and self.service.model else None
+        self.audit.record(user, "model_swap_refused", bundle.name, current, why[:500])
 
     def preview(self, value: float, camera: str | None = None) -> dict[str, Any]:
         """What ``value`` would have decided on the recent scores and on the reviewed archive frames."""

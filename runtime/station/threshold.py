@@ -1,7 +1,8 @@
 """The threshold override sidecar: ``<ui.state_dir>/threshold.json``, written atomically, picked up without restart.
 
-``{"threshold": 0.123, "by": "alice", "ts": 1764650000.0}``. At start-up a valid sidecar overrides ``threshold:``
-of the config and the bundle's; while the service runs, :class:`SidecarWatcher` polls the file and hands each new
+``{"threshold": 0.123, "by": "alice", "ts": 1764650000.0, "model_id": "..."}``. At start-up a valid sidecar
+overrides ``threshold:`` of the config and the bundle's (only for the model id it names: after a hot swap to another
+model it is ignored); while the service runs, :class:`SidecarWatcher` polls the file and hands each new
 value to the service, which applies it between two frames (:meth:`runtime.service.Service.call_between_frames`).
 A sidecar that does not parse is logged and ignored: the threshold in force stays.
 """
@@ -47,11 +48,11 @@ def read_sidecar(path: Path) -> dict[str, Any] | None:
     return dict(doc)
 
 
-def write_sidecar(path: Path, value: float, user: str) -> dict[str, Any]:
-    """Write a new override atomically (temporary file, fsync, rename); returns the document."""
+def write_sidecar(path: Path, value: float, user: str, model_id: str | None = None) -> dict[str, Any]:
+    """Write a new override for ``model_id`` atomically (temporary file, fsync, rename); returns the document."""
     if not math.isfinite(value):
         raise SidecarError(f"threshold must be finite, got {value}")
-    doc = {"threshold": float(value), "by": user, "ts": round(time.time(), 6)}
+    doc = {"threshold": float(value), "by": user, "ts": round(time.time(), 6), "model_id": model_id}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(doc).encode())
     return doc

@@ -175,6 +175,45 @@ async function initThreshold() {
   });
 }
 
+// -- model hot swap -------------------------------------------------------------------------------------------------
+async function loadModels() {
+  const d = await api("GET", "/api/models");
+  $("#m-id").textContent = d.model_id;
+  $("#m-bundle").textContent = d.bundle;
+  $("#m-previous").textContent = d.previous || "none";
+  $("#m-state").textContent = d.state;
+  $("#m-error").textContent = d.last_error || "";
+  $("#rollback").disabled = !d.previous || d.state !== "idle";
+  const body = $("#bundles tbody");
+  body.replaceChildren();
+  for (const b of d.bundles) {
+    const tr = el("tr", { "data-name": b.name });
+    tr.append(el("td", {}, b.name), el("td", {}, b.model_id || b.error), el("td", {}, fmt(b.threshold)), el("td", {}, b.input || ""));
+    const td = el("td");
+    if (b.model_id && b.model_id !== d.model_id) {
+      const btn = el("button", { type: "button", class: "swap" }, "Swap in");
+      btn.disabled = d.state !== "idle";
+      btn.addEventListener("click", async () => {
+        try { await api("POST", "/api/models/swap", { name: b.name }); toast(`verifying ${b.name}…`); loadModels(); }
+        catch (e) { toast(e.message, true); }
+      });
+      td.append(btn);
+    } else if (b.model_id === d.model_id) { td.textContent = "running"; }
+    tr.append(td);
+    body.append(tr);
+  }
+  if (d.state !== "idle") setTimeout(loadModels, 300);
+}
+
+function initModels() {
+  $("#rollback").addEventListener("click", async () => {
+    try { await api("POST", "/api/models/rollback"); toast("rolling back…"); loadModels(); }
+    catch (e) { toast(e.message, true); }
+  });
+  loadModels();
+  setInterval(loadModels, 3000);
+}
+
 // -- audit, users ---------------------------------------------------------------------------------------------------
 async function initAudit() {
   const d = await api("GET", "/api/audit");
@@ -214,6 +253,6 @@ function initUsers() {
 document.addEventListener("DOMContentLoaded", () => {
   const lo = $("#logout");
   if (lo) lo.addEventListener("click", async () => { await api("POST", "/api/logout").catch(() => {}); location.href = "/login"; });
-  const init = { login: initLogin, live: initLive, archive: initArchive, threshold: initThreshold, audit: initAudit, users: initUsers };
+  const init = { login: initLogin, live: initLive, archive: initArchive, threshold: initThreshold, audit: initAudit, users: initUsers, models: initModels };
   (init[document.body.dataset.page] || (() => {}))();
 });

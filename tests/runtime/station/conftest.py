@@ -61,7 +61,7 @@ def _images(folder: Path, n: int = 12) -> Path:
     return folder
 
 
-def start_station(root: Path, bundle: Path, **ui: object) -> RunningStation:
+def start_station(root: Path, bundle: Path, max_fps: float = 8, **ui: object) -> RunningStation:
     """Start broker + service (station enabled) in a thread; returns once the page answers."""
     why = mosquitto_missing()
     if why:
@@ -74,7 +74,7 @@ def start_station(root: Path, bundle: Path, **ui: object) -> RunningStation:
     cfg = parse_config({
         "bundle": str(bundle),
         "cameras": [{"name": "cam1", "source": {"kind": "folder", "path": str(_images(root / "frames")), "loop": True},
-                     "max_fps": 8}],
+                     "max_fps": max_fps}],
         "mqtt": {"host": broker.host, "port": broker.port, "device_id": "line1", "stats_interval_s": 1},
         "spool": {"path": str(root / "spool.sqlite3"), "min_free_mb": 0},
         "ui": ui_cfg,
