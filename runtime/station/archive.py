@@ -128,7 +128,7 @@ class Archive:
 
         name = f"{int(ev.ts * 1000):013d}_{ev.camera}_{ev.seq}"
         jpg = encode_jpeg(overlay_heatmap(ev.image, ev.anomaly_map, ev.threshold), self.cfg.jpeg_quality)
-        ok, png = cv2.imencode(".png", to_uint8(ev.image))
+        ok, png = cv2.imencode(".png", to_uint8(ev.image), [cv2.IMWRITE_PNG_COMPRESSION, 1])  # fast; lossless
         if not ok:
             raise ValueError(f"cannot PNG-encode a frame of shape {ev.image.shape}")
         meta = {"name": name, "camera": ev.camera, "seq": ev.seq, "frame_seq": ev.frame_seq, "ts": ev.ts,

@@ -143,5 +143,11 @@ def test_station_in_a_browser(station: RunningStation, browser: webdriver.Chrome
     text = drv.find_element(By.ID, "audit").text
     assert "threshold" in text and "review" in text and "login_failed" in text
     _shot(drv, shots, "audit")
+
+    # -- model page: the running bundle, rollback disabled (nothing swapped yet) ------------------------------------
+    drv.get(station.url + "/models")
+    _wait(drv, lambda d: d.find_element(By.ID, "m-id").text.startswith("tiny-rd"), what="the model page")
+    assert drv.find_element(By.ID, "rollback").get_attribute("disabled") is not None
+    _shot(drv, shots, "models")
     assert sorted(p.name for p in shots.iterdir()) == ["archive.png", "audit.png", "live.png", "login.png",
-                                                       "threshold.png"]  # fmt: skip
+                                                       "models.png", "threshold.png"]  # fmt: skip
