@@ -241,6 +241,11 @@ class StationConfig(_Strict):
         None, description="bundles offered for a hot swap, one folder each (default <state_dir>/bundles)"
     )
     archive: StationArchiveConfig = Field(default_factory=StationArchiveConfig, description="NG archive")
+    teach_dir: Path | None = Field(
+        None, description="teach mode writes <teach_dir>/<name>/train/good/*.png and runs (default <state_dir>/teach)"
+    )
+    teach_image_size: int = Field(256, ge=64, le=1024, multiple_of=32, description="teach: training image side (px)")
+    teach_steps: int = Field(1000, ge=1, le=1_000_000, description="teach: training steps on this box")
 
     @field_validator("shifts")
     @classmethod
