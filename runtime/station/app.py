@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from runtime.station.archive import ArchiveError
 from runtime.station.auth import ROLES, AuthError, Session, role_rank
 from runtime.station.swap import SwapError
+from runtime.station.teach import TeachError
 from runtime.station.threshold import write_sidecar
 
 if TYPE_CHECKING:
@@ -60,6 +61,13 @@ class ThresholdBody(_Body):
 
 class SwapBody(_Body):
     name: str = Field(..., min_length=1, max_length=128, description="a folder in ui.bundles_dir")
+
+
+class TeachBody(_Body):
+    camera: str
+    n: int = Field(..., ge=1, le=10_000, description="frames to collect")
+    name: str = Field(..., min_length=1, max_length=64, description="data set name (a new folder)")
+    interval_s: float = Field(0.5, ge=0, le=3600, description="at most one frame per this many seconds")
 
 
 class UserBody(_Body):
@@ -147,6 +155,7 @@ def create_app(st: Station) -> FastAPI:
     app.get("/audit")(page("audit", "engineer"))
     app.get("/users")(page("users", "admin"))
     app.get("/models")(page("models", "engineer"))
+    app.get("/teach")(page("teach", "engineer"))
 
     @app.get("/")
     def root(request: Request) -> Response:
@@ -287,6 +296,39 @@ def create_app(st: Station) -> FastAPI:
         except SwapError as exc:
             raise HTTPException(409, str(exc)) from None
         return {"swapping_to": str(path), **st.swapper.status()}
+
+    # -- teach mode --------------------------------------------------------------------------------------------------
+
+    @app.get("/api/teach")
+    def teach(s: Session = engineer) -> dict[str, Any]:
+        return st.teach.status()
+
+    @app.post("/api/teach/collect")
+    def teach_collect(body: TeachBody, request: Request, s: Session = engineer) -> dict[str, Any]:
+        camera_or_404(body.camera)
+        try:
+            st.teach.collect(body.camera, body.n, body.name, body.interval_s)
+        except TeachError as exc:
+            raise HTTPException(409 if "busy" in str(exc) or "exists" in str(exc) else 422, str(exc)) from None
+        st.audit.record(s.user, "teach_collect", body.name, None, {"camera": body.camera, "n": body.n},
+                        addr(request))  # fmt: skip
+        return st.teach.status()
+
+    @app.post("/api/teach/cancel")
+    def teach_cancel(request: Request, s: Session = engineer) -> dict[str, Any]:
+        old = st.teach.state
+        st.teach.cancel()
+        st.audit.record(s.user, "teach_cancel", st.teach.name, old, st.teach.state, addr(request))
+        return st.teach.status()
+
+    @app.post("/api/teach/train")
+    def teach_train(request: Request, s: Session = engineer) -> dict[str, Any]:
+        try:
+            st.teach.train()
+        except TeachError as exc:
+            raise HTTPException(409, str(exc)) from None
+        st.audit.record(s.user, "teach_train", st.teach.name, None, st.teach.commands(), addr(request))
+        return st.teach.status()
 
     # -- audit and users ---------------------------------------------------------------------------------------------
 

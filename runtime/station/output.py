@@ -26,6 +26,7 @@ from runtime.station.auth import LoginLimiter, Sessions, UserStore
 from runtime.station.live import LiveState
 from runtime.station.metrics import Metrics
 from runtime.station.swap import ModelSwapper
+from runtime.station.teach import Teach
 from runtime.station.threshold import SidecarError, SidecarWatcher, read_sidecar
 
 if TYPE_CHECKING:
@@ -58,6 +59,10 @@ class Station(Output):
         self.archive = Archive(ui.archive)
         self.metrics = Metrics(self._scrape)
         self.sidecar_path = ui.state_dir / "threshold.json"
+        self.bundles_dir = ui.bundles_dir or ui.state_dir / "bundles"
+        self.teach = Teach(
+            ui.teach_dir or ui.state_dir / "teach", self.bundles_dir, ui.teach_image_size, ui.teach_steps
+        )
         self.service: Service | None = None
         self._watcher: SidecarWatcher | None = None
         self.swapper: ModelSwapper | None = None
@@ -77,7 +82,7 @@ class Station(Output):
                 link.enqueue_plain([OutMessage(topic, body, qos=qos)])
 
             self.audit.publish = publish
-        self.swapper = ModelSwapper(service, self.ui.bundles_dir or self.ui.state_dir / "bundles",
+        self.swapper = ModelSwapper(service, self.bundles_dir,
                                     self.ui.state_dir / "active_bundle.json", self._swapped,
                                     self._swap_refused)  # fmt: skip
         self.swapper.restore()
@@ -120,6 +125,7 @@ class Station(Output):
             self._thread.join(timeout=5)
         if self._watcher is not None:
             self._watcher.close()
+        self.teach.close()
         self.live.close()
         self.archive.close()
         self.audit.close()
@@ -133,6 +139,7 @@ class Station(Output):
         self.metrics.latency.labels(event.camera).observe(event.timings_ms.get("total", 0.0) / 1e3)
         if self.archive.wants(event):
             self.archive.offer(event)
+        self.teach.on_verdict(event)
 
     def on_frame_error(self, camera: str, frame_seq: int, error: str) -> None:
         self.live.on_frame_error(camera)

@@ -214,6 +214,37 @@ function initModels() {
   setInterval(loadModels, 3000);
 }
 
+// -- teach ----------------------------------------------------------------------------------------------------------
+async function loadTeach() {
+  const d = await api("GET", "/api/teach");
+  $("#t-state").textContent = d.phase ? `${d.state} (${d.phase})` : d.state;
+  $("#t-count").textContent = d.name ? `${d.collected} / ${d.target} frames of ${d.camera} in ${d.dataset}` +
+    (d.dropped ? ` (${d.dropped} skipped: writer busy)` : "") : "";
+  $("#t-error").textContent = d.error || "";
+  const p = $("#t-progress");
+  p.max = Math.max(1, d.target); p.value = d.collected;
+  $("#t-commands").textContent = d.commands.join("\n");
+  $("#t-log").textContent = d.log || "";
+  $("#t-train").disabled = !["collected", "exported", "failed"].includes(d.state) || !d.collected;
+  setTimeout(loadTeach, d.state === "collecting" || d.state === "training" ? 300 : 2000);
+}
+
+function initTeach() {
+  $("#teach-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      await api("POST", "/api/teach/collect", { camera: $("#t-camera").value, n: parseInt($("#t-n").value, 10),
+        interval_s: parseFloat($("#t-interval").value), name: $("#t-name").value });
+      toast("collecting…");
+    } catch (e) { toast(e.message, true); }
+  });
+  $("#t-cancel").addEventListener("click", async () => { try { await api("POST", "/api/teach/cancel"); } catch (e) { toast(e.message, true); } });
+  $("#t-train").addEventListener("click", async () => {
+    try { await api("POST", "/api/teach/train"); toast("training started at nice 19"); } catch (e) { toast(e.message, true); }
+  });
+  loadTeach();
+}
+
 // -- audit, users ---------------------------------------------------------------------------------------------------
 async function initAudit() {
   const d = await api("GET", "/api/audit");
@@ -253,6 +284,6 @@ function initUsers() {
 document.addEventListener("DOMContentLoaded", () => {
   const lo = $("#logout");
   if (lo) lo.addEventListener("click", async () => { await api("POST", "/api/logout").catch(() => {}); location.href = "/login"; });
-  const init = { login: initLogin, live: initLive, archive: initArchive, threshold: initThreshold, audit: initAudit, users: initUsers, models: initModels };
+  const init = { login: initLogin, live: initLive, archive: initArchive, threshold: initThreshold, audit: initAudit, users: initUsers, models: initModels, teach: initTeach };
   (init[document.body.dataset.page] || (() => {}))();
 });

@@ -261,3 +261,31 @@ def test_metrics_endpoint(station: RunningStation) -> None:
     assert "rdedge_broker_connected 1.0" in text
     assert 'rdedge_inference_seconds_count{camera="cam1"}' in text
     assert "rdedge_archive_dropped" in text and "rdedge_spool_depth" in text
+
+
+def test_teach_collects_good_frames_and_shows_the_commands(station: RunningStation) -> None:
+    teach_dir = station.cfg.ui.state_dir / "teach"
+    with station.client("olga") as c:
+        assert c.post("/api/teach/collect", json={"camera": "cam1", "n": 3, "name": "x"}).status_code == 403
+    with station.client("erik") as c:
+        for body, code in [({"camera": "nope", "n": 3, "name": "p1"}, 404),
+                           ({"camera": "cam1", "n": 3, "name": "../../etc"}, 422),
+                           ({"camera": "cam1", "n": 0, "name": "p1"}, 422)]:  # fmt: skip
+            assert c.post("/api/teach/collect", json=body).status_code == code, body
+        assert not teach_dir.exists() or not any(teach_dir.rglob("*.png"))
+        assert c.post("/api/teach/train").status_code == 409  # nothing collected yet
+        r = c.post("/api/teach/collect", json={"camera": "cam1", "n": 4, "name": "part-a", "interval_s": 0.2})
+        assert r.status_code == 200 and r.json()["state"] == "collecting"
+        assert c.post("/api/teach/collect", json={"camera": "cam1", "n": 4, "name": "part-b"}).status_code == 409
+        station.wait(lambda: c.get("/api/teach").json()["state"] == "collected", 20, "4 frames collected")
+        doc = c.get("/api/teach").json()
+        good = sorted((teach_dir / "part-a" / "train" / "good").glob("*.png"))
+        assert [p.name for p in good] == ["00000.png", "00001.png", "00002.png", "00003.png"]
+        assert cv2.imread(str(good[0])).shape == (96, 128, 3)
+        train, export = doc["commands"]
+        assert f"train --data {teach_dir / 'part-a'}" in train and "--image-size 256" in train
+        assert f"--out {station.cfg.ui.state_dir / 'bundles' / 'part-a'}" in export
+        again = c.post("/api/teach/collect", json={"camera": "cam1", "n": 2, "name": "part-a"})
+        assert again.status_code == 409 and "already exists" in again.json()["detail"]
+        e = c.get("/api/audit", params={"action": "teach_collect"}).json()["entries"][0]
+        assert e["user"] == "erik" and e["target"] == "part-a" and e["new"] == {"camera": "cam1", "n": 4}
