@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.runtime.station.conftest import PASSWORDS, RunningStation
+from tests.helpers.onnx_bundle import make_tiny_bundle
+from tests.runtime.station.conftest import PASSWORDS, RunningStation, start_station, stop_station
 
 CHROMIUM = os.environ.get("RDEDGE_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("RDEDGE_TEST_CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -24,6 +25,16 @@ webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def station(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> Iterator[RunningStation]:
+    """A station with a second bundle (another model id) offered for a hot swap."""
+    root = tmp_path_factory.mktemp("browser")
+    make_tiny_bundle(root / "bundles" / "seed1", seed=1)
+    st = start_station(root, tiny_bundle, bundles_dir=str(root / "bundles"))
+    yield st
+    stop_station(st)
 
 
 @pytest.fixture(scope="module")
@@ -144,10 +155,37 @@ def test_station_in_a_browser(station: RunningStation, browser: webdriver.Chrome
     assert "threshold" in text and "review" in text and "login_failed" in text
     _shot(drv, shots, "audit")
 
-    # -- model page: the running bundle, rollback disabled (nothing swapped yet) ------------------------------------
+    # -- teach: collect a few good frames, the page shows progress and the train/export commands -------------------
+    drv.get(station.url + "/teach")
+    _wait(drv, lambda d: d.find_element(By.ID, "t-state").text == "idle", what="the teach page")
+    drv.find_element(By.ID, "t-n").clear()
+    drv.find_element(By.ID, "t-n").send_keys("3")
+    drv.find_element(By.ID, "t-interval").clear()
+    drv.find_element(By.ID, "t-interval").send_keys("0.2")
+    drv.find_element(By.ID, "t-name").send_keys("part-b")
+    drv.find_element(By.ID, "t-start").click()
+    _wait(drv, lambda d: d.find_element(By.ID, "t-state").text == "collected", what="3 frames collected")
+    assert drv.find_element(By.ID, "t-progress").get_attribute("value") == "3"
+    assert "rdedge train --data" in drv.find_element(By.ID, "t-commands").text
+    assert len(list((station.cfg.ui.state_dir / "teach" / "part-b" / "train" / "good").glob("*.png"))) == 3
+    _shot(drv, shots, "teach")
+
+    # -- hot swap from the model page, then roll back --------------------------------------------------------------
     drv.get(station.url + "/models")
-    _wait(drv, lambda d: d.find_element(By.ID, "m-id").text.startswith("tiny-rd"), what="the model page")
-    assert drv.find_element(By.ID, "rollback").get_attribute("disabled") is not None
+    _wait(drv, lambda d: d.find_element(By.ID, "m-id").text == "tiny-rd-s64-seed0", what="the model page")
+    assert drv.find_element(By.ID, "rollback").get_attribute("disabled") is not None  # nothing swapped yet
+    _wait(drv, lambda d: d.find_elements(By.CSS_SELECTOR, '#bundles tr[data-name="seed1"] button.swap'), what="swap")
+    drv.find_element(By.CSS_SELECTOR, '#bundles tr[data-name="seed1"] button.swap').click()
+    _wait(drv, lambda d: d.find_element(By.ID, "m-id").text == "tiny-rd-s64-seed1"
+          and d.find_element(By.ID, "m-state").text == "idle", 30, "the swap")  # fmt: skip
     _shot(drv, shots, "models")
+    drv.get(station.url + "/live")
+    _wait(drv, lambda d: d.find_element(By.CSS_SELECTOR, '[data-g="model_id"]').text == "tiny-rd-s64-seed1",
+          what="the new model on the live page")  # fmt: skip
+    drv.get(station.url + "/models")
+    _wait(drv, lambda d: d.find_element(By.ID, "rollback").get_attribute("disabled") is None, what="rollback")
+    drv.find_element(By.ID, "rollback").click()
+    _wait(drv, lambda d: d.find_element(By.ID, "m-id").text == "tiny-rd-s64-seed0"
+          and d.find_element(By.ID, "m-state").text == "idle", 30, "the rollback")  # fmt: skip
     assert sorted(p.name for p in shots.iterdir()) == ["archive.png", "audit.png", "live.png", "login.png",
-                                                       "models.png", "threshold.png"]  # fmt: skip
+                                                       "models.png", "teach.png", "threshold.png"]  # fmt: skip
