@@ -105,7 +105,7 @@ class Station(Output):
         config = uvicorn.Config(create_app(self), host=self.ui.host, port=self.ui.port, log_level="warning",
                                 access_log=False, lifespan="off", **ssl)  # type: ignore[arg-type]  # fmt: skip
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="station-http", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="station-http", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._server.started:
@@ -117,6 +117,13 @@ class Station(Output):
         log.info("station page on %s://%s:%d (%d user(s))", scheme, self.ui.host, self.ui.port, len(self.users.all()))
         if not self.users.all():
             log.warning("station: no users yet: rdedge station user add NAME --role admin --config FILE")
+
+    def _serve(self) -> None:
+        assert self._server is not None
+        try:
+            self._server.run()
+        except SystemExit:  # uvicorn exits when it cannot bind; start() reports it
+            log.error("station page: the web server stopped (see uvicorn's error above)")
 
     def close(self) -> None:
         if self._server is not None:

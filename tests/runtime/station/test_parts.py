@@ -173,3 +173,25 @@ def test_user_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytes
     assert run("delete", "ada") == 0
     capsys.readouterr()
     assert run("list") == 0 and json.loads(capsys.readouterr().out) == []
+
+
+def test_a_busy_port_stops_the_service_with_a_clear_error(tmp_path: Path, tiny_bundle: Path) -> None:
+    import socket
+
+    from runtime.errors import RdedgeError
+    from runtime.service import run_service
+
+    frames = tmp_path / "f"
+    frames.mkdir()
+    cv2 = pytest.importorskip("cv2")
+    cv2.imwrite(str(frames / "0.png"), np.zeros((32, 32, 3), np.uint8))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        cfg = parse_config({"bundle": str(tiny_bundle), "mqtt": None,
+                            "cameras": [{"name": "c", "source": {"kind": "folder", "path": str(frames)}}],
+                            "ui": {"enabled": True, "port": port, "state_dir": str(tmp_path / "st"),
+                                   "archive": {"dir": str(tmp_path / "a")}}})  # fmt: skip
+        with pytest.raises(RdedgeError, match=f"ui: cannot serve the station page on 127.0.0.1:{port}"):
+            run_service(cfg)
