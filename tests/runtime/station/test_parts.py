@@ -195,3 +195,15 @@ def test_a_busy_port_stops_the_service_with_a_clear_error(tmp_path: Path, tiny_b
                                    "archive": {"dir": str(tmp_path / "a")}}})  # fmt: skip
         with pytest.raises(RdedgeError, match=f"ui: cannot serve the station page on 127.0.0.1:{port}"):
             run_service(cfg)
+
+
+def test_the_station_imports_no_torch() -> None:
+    code = (
+        'import sys; sys.modules["torch"] = None\n'
+        "import runtime.station.output, runtime.station.app, runtime.station.swap, runtime.station.teach\n"
+        "bad = sorted(m for m, v in sys.modules.items() if v is not None and m.split('.')[0] in\n"
+        "             {'torch', 'torchvision', 'training', 'export'})\n"
+        "assert not bad, bad\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
