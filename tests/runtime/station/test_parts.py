@@ -4,6 +4,7 @@ threshold sidecar, the ``rdedge[ui]`` extra being optional, and the user CLI."""
 from __future__ import annotations
 
 import datetime as dt
+import ssl
 import io
 import json
 import subprocess
@@ -207,3 +208,56 @@ def test_the_station_imports_no_torch() -> None:
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert res.returncode == 0, res.stderr
+
+
+def test_https_with_a_certificate(tmp_path: Path, tiny_bundle: Path) -> None:
+    import threading
+
+    import httpx
+
+    from runtime.service import run_service
+    from runtime.station.auth import UserStore
+    from tests.mqtt_broker import free_port, make_certs
+
+    certs = make_certs(tmp_path / "pki")  # server certificate for 127.0.0.1, signed by a test CA
+    frames = tmp_path / "f"
+    frames.mkdir()
+    import cv2
+
+    cv2.imwrite(str(frames / "0.png"), np.zeros((32, 32, 3), np.uint8))
+    port = free_port()
+    cfg = parse_config({"bundle": str(tiny_bundle), "mqtt": None,
+                        "cameras": [{"name": "c", "source": {"kind": "folder", "path": str(frames), "loop": True},
+                                     "max_fps": 2}],
+                        "ui": {"enabled": True, "port": port, "state_dir": str(tmp_path / "st"),
+                               "archive": {"dir": str(tmp_path / "a")},
+                               "tls": {"cert_file": str(certs.server_cert),
+                                       "key_file": str(certs.server_key)}}})  # fmt: skip
+    users = UserStore(cfg.ui.state_dir / "users.sqlite3")
+    users.add("ada", "admin", "admin-password")
+    users.close()
+    stop = threading.Event()
+    t = threading.Thread(target=run_service, args=(cfg, stop), daemon=True)
+    t.start()
+    try:
+        url = f"https://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        ctx = ssl.create_default_context(cafile=str(certs.ca))
+        with httpx.Client(base_url=url, verify=ctx, timeout=5) as c:
+            while True:
+                try:
+                    if c.get("/login").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            r = c.post("/api/login", json={"user": "ada", "password": "admin-password"})
+            assert r.status_code == 200
+            cookie = r.headers["set-cookie"].lower()
+            assert "secure" in cookie and "httponly" in cookie and "samesite=strict" in cookie
+        with pytest.raises(httpx.HTTPError):  # plain HTTP on the TLS port is not served
+            httpx.get(f"http://127.0.0.1:{port}/api/live", timeout=3).raise_for_status()
+    finally:
+        stop.set()
+        t.join(10)
