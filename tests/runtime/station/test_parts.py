@@ -4,9 +4,9 @@ threshold sidecar, the ``rdedge[ui]`` extra being optional, and the user CLI."""
 from __future__ import annotations
 
 import datetime as dt
-import ssl
 import io
 import json
+import ssl
 import subprocess
 import sys
 import time
