@@ -207,6 +207,7 @@ class Station(Output):
         except SidecarError as exc:
             override = {"error": str(exc)}
         return {"threshold": self.threshold, "bundle_threshold": self.service.model.manifest.threshold.value,
+                "model_id": self.service.model.model_id,
                 "override": override, "scores": self.live.scores(camera), "reviewed": self.archive.reviewed_scores(),
                 "preview": self.preview(self.threshold, camera)}  # fmt: skip
 

@@ -150,7 +150,10 @@ async function initThreshold() {
   s.min = lo; s.max = hi; s.value = d.threshold;
   $("#t-current").textContent = fmt(d.threshold);
   $("#t-bundle").textContent = fmt(d.bundle_threshold);
-  $("#t-override").textContent = d.override ? `override by ${d.override.by || "?"}` : "no override";
+  const ov = d.override;
+  $("#t-override").textContent = !ov ? "no override" : ov.error ? ov.error
+    : ov.model_id && ov.model_id !== d.model_id ? `override by ${ov.by} is for model ${ov.model_id}: not in force`
+    : `override by ${ov.by || "?"}`;
   const update = () => {
     const v = parseFloat(s.value);
     const ng = d.scores.filter((x) => x >= v).length, gng = d.reviewed.good.filter((x) => x >= v).length;
