@@ -73,7 +73,7 @@ class PerlinAnomaly:
         std: tuple[float, ...],
         cfg: RDEConfig,
         seed: int = 0,
-        bank: int = 16,
+        bank: int = 8,
     ) -> None:
         self.size, self.cfg = size, cfg
         self.g = torch.Generator().manual_seed(seed * 7919 + 11)

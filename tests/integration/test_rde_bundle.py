@@ -70,6 +70,16 @@ def test_manifest_has_the_extended_decoder_and_parity(rde_run: tuple[Path, Path,
     assert not any("expert" in f for f in m.files)
 
 
+def test_fp16_decoder_keeps_the_injection_gate_in_fp32(rde_run: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """The gate's per-pixel cosine (two norms and a division per GII block) stays FP32 in decoder.fp16.onnx, the
+    graph TensorRT >= 10.12 builds strongly typed (older TensorRT pins the same layers: tensorrt_build)."""
+    from export.fp16 import convert_file
+
+    report = convert_file(rde_run[2] / "decoder.onnx", tmp_path / "decoder.fp16.onnx")
+    assert report.blocked_ops.get("Sqrt", 0) >= 2 and report.blocked_ops.get("Div", 0) >= 2
+    assert report.fp16_nodes > report.fp32_nodes
+
+
 def test_teacher_part_is_the_tuned_teacher_not_the_expert(rde_run: tuple[Path, Path, Path]) -> None:
     import onnxruntime as ort
 
