@@ -142,6 +142,7 @@ def run_dataset(ds: dict[str, Any], fracs: list[float], draws: int, cnn_draws: i
                 t0 = time.perf_counter()
                 cnn = fit_supervised(ds["images"][lab], y[lab], SupervisedOptions(epochs=cnn_epochs, seed=seed))
                 p = predict_proba(cnn, ds["images"][rest])
+                log.info("supervised CNN fitted on %d images in %.1f s", len(lab), time.perf_counter() - t0)
                 rows.append({**base, "method": "supervised CNN", **metrics(y[rest], p >= 0.5, p),
                              "fit_s": time.perf_counter() - t0})  # fmt: skip
             log.info("fraction %.2f draw %d: %s", frac, seed, {r["method"]: round(r["f1"], 3) for r in rows[-6:]})
@@ -176,9 +177,10 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/rdedge-bench/few_labels"))
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--merge", action="store_true", help="keep other datasets' rows of an existing few_labels.json")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a crowded box)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     t_start = time.time()
     rows: list[dict] = []
     for spec in args.runs:

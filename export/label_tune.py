@@ -370,6 +370,7 @@ def label_tune(opts: LabelTuneOptions) -> tuple[Path, Manifest]:
     check_target(out, opts.force)
     items = labelled_images(opts.labelled)
     model, cfg, _ = load_model(opts.run)
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".label-tune-", dir=out.absolute().parent) as scratch:
         base = opts.bundle
         if base is None:

@@ -148,3 +148,18 @@ def test_cli_refuses_one_class_before_any_work(
     )
     assert rc != 0 and "only one class" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_cli_exports_the_run_first_without_bundle(
+    tiny_run: tuple[Path, Path], labelled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from export.cli import main
+
+    out = tmp_path / "new" / "bundle"
+    argv = ["label-tune", "--run", str(tiny_run[0]), "--labelled", str(labelled), "--out", str(out)]
+    assert main([*argv, "--classifier", "svm"]) == 0
+    printed = capsys.readouterr().out
+    assert "linear SVM" in printed and "NG iff probability >= 0.5" in printed and str(out) in printed
+    m = load_manifest(out)
+    assert m.classifier is not None and [p.name for p in m.parts][0] == "teacher"
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no scratch or staging left behind
