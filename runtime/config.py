@@ -259,6 +259,69 @@ class StationConfig(_Strict):
         return sorted(shifts)
 
 
+class ModbusConfig(_Strict):
+    """Modbus TCP server for the PLC (``rdedge[modbus]``): register map v1 and handshake in docs/modbus.md."""
+
+    enabled: bool = Field(False, description="serve the register map from the service process")
+    host: str = Field("127.0.0.1", min_length=1, description="bind address; 0.0.0.0 exposes it to the line network")
+    port: int = Field(502, ge=1, le=65535, description="TCP port (502 is the Modbus port; needs CAP_NET_BIND_SERVICE)")
+    camera: str | None = Field(
+        None, description="the triggered camera the PLC trigger bit fires (default: the first triggered camera)"
+    )
+    score_scale: float = Field(
+        10000.0, gt=0, le=1e9, description="score and threshold registers hold round(value * score_scale) as uint32"
+    )
+    heartbeat_s: float = Field(0.5, gt=0, le=60, description="the heartbeat register advances this often (s)")
+
+
+class OpcUaUser(_Strict):
+    """One OPC UA user; the password comes from an environment variable or a systemd credential, never the YAML."""
+
+    name: str = Field(..., min_length=1, max_length=64, description="user name")
+    password_env: str | None = Field(None, description="environment variable holding the password")
+    password_credential: str | None = Field(None, description="file name in $CREDENTIALS_DIRECTORY holding it")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> OpcUaUser:
+        if self.password_env is None and self.password_credential is None:
+            raise ValueError("give password_env or password_credential")
+        return self
+
+    def resolve_password(self) -> str | None:
+        """Password from ``$CREDENTIALS_DIRECTORY/<password_credential>`` first, then ``$<password_env>``."""
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if cred_dir and self.password_credential:
+            path = Path(cred_dir) / self.password_credential
+            if path.is_file():
+                return path.read_text(encoding="utf-8").strip()
+        if self.password_env and os.environ.get(self.password_env):
+            return os.environ[self.password_env]
+        return None
+
+
+class OpcUaConfig(_Strict):
+    """OPC UA server (``rdedge[opcua]``) shaped after OPC 40100 Machine Vision (docs/opcua.md)."""
+
+    enabled: bool = Field(False, description="serve the OPC UA address space from the service process")
+    host: str = Field("127.0.0.1", min_length=1, description="bind address (the endpoint URL uses it)")
+    port: int = Field(4840, ge=1, le=65535, description="TCP port (4840 is the OPC UA port)")
+    allow_anonymous: bool = Field(False, description="accept anonymous sessions (off: users only)")
+    users: list[OpcUaUser] = Field([], description="accepted user names and where their passwords come from")
+    security: list[Literal["none", "basic256sha256_sign", "basic256sha256_sign_encrypt"]] = Field(
+        ["none", "basic256sha256_sign_encrypt"], min_length=1, description="offered security policies / modes"
+    )
+    cert_dir: Path = Field(
+        Path("/var/lib/rdedge/opcua"), description="server certificate + key; made on first start if absent"
+    )
+    namespace: str = Field("urn:rdedge:machinevision", min_length=1, description="namespace URI of rdedge's nodes")
+
+    @model_validator(mode="after")
+    def _someone(self) -> OpcUaConfig:
+        if self.enabled and not self.allow_anonymous and not self.users:
+            raise ValueError("no user can log in: add users or set allow_anonymous: true")
+        return self
+
+
 class RuntimeConfig(_Strict):
     """Top level of ``/etc/rdedge/config.yaml``."""
 
@@ -270,6 +333,8 @@ class RuntimeConfig(_Strict):
     alerts: AlertsConfig = Field(default_factory=AlertsConfig, description="NG overlays")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="logging")
     ui: StationConfig = Field(default_factory=StationConfig, description="station page (off by default)")
+    modbus: ModbusConfig = Field(default_factory=ModbusConfig, description="Modbus TCP server for the PLC (off)")
+    opcua: OpcUaConfig = Field(default_factory=OpcUaConfig, description="OPC UA server (off by default)")
     threshold: float | None = Field(None, description="override the bundle's calibrated threshold (score units)")
     trusted_keys: list[Path] | None = Field(
         None,
@@ -287,6 +352,16 @@ class RuntimeConfig(_Strict):
         if dupes:
             raise ValueError(f"camera names must be unique; repeated: {', '.join(dupes)}")
         return cams
+
+    @model_validator(mode="after")
+    def _line_cameras(self) -> RuntimeConfig:
+        triggered = [c.name for c in self.cameras if c.mode == "triggered"]
+        if self.modbus.enabled:
+            if self.modbus.camera is not None and self.modbus.camera not in triggered:
+                raise ValueError(f"modbus.camera: {self.modbus.camera!r} is not a triggered camera ({triggered})")
+            if not triggered:
+                raise ValueError("modbus.enabled needs a camera with mode: triggered (the PLC trigger fires it)")
+        return self
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:

@@ -121,6 +121,9 @@ class Service:
             from runtime.station import create_station  # rdedge[ui]; MissingExtraError names the extra
 
             self.outputs.append(create_station(cfg))
+        from runtime.outputs import create_line_outputs  # Modbus, OPC UA: each behind its extra
+
+        self.outputs.extend(create_line_outputs(cfg))
         for out in self.outputs:
             out.start(self)
         for st in self.cams.values():
@@ -144,6 +147,10 @@ class Service:
         """One line for systemd's STATUS=: cameras and their states, spool depth and dead letters."""
         cams = ", ".join(f"{n} {st.grabber.state}" for n, st in self.cams.items())
         line = f"{self.frames_scored} frame(s) scored; cameras: {cams}"
+        for out in self.outputs:  # line interfaces: "modbus up (1 client)", ...
+            st = out.stats()
+            if st is not None and "state" in st:
+                line += f"; {out.name} {st['state']}"
         if self.spool is not None:
             line += f"; spool {self.spool.depth} pending"
             if self.spool.dead:
@@ -154,18 +161,36 @@ class Service:
         if self.link is not None:
             self.link.set_camera_status(camera, state)
 
+    def trigger(self, camera: str, trigger_id: str | int) -> None:
+        """Queue a trigger from a PLC interface (Modbus, OPC UA): served like an MQTT trigger, any thread.
+
+        The verdict reaches the outputs with ``trigger_id``; a trigger that gets none is reported to them through
+        :meth:`Output.on_trigger_error`.
+        """
+        self._on_trigger(TriggerRequest(camera, trigger_id, None, None, time.monotonic()))
+
+    def _trigger_failed(self, camera: str, req: TriggerRequest, why: str) -> None:
+        if self.link is not None:
+            self.link.publish_error(camera, why, req.id, req.response_topic, req.correlation)
+        for out in self.outputs:
+            try:
+                out.on_trigger_error(camera, req.id, why)
+            except Exception:
+                log.exception("output %s failed on a trigger error", out.name)
+
     def _on_trigger(self, req: TriggerRequest) -> None:
         st = self.cams.get(req.camera)
         if st is None:
             return
         with self._trigger_lock:
-            if len(st.triggers) >= TRIGGER_QUEUE_MAX:
+            full = len(st.triggers) >= TRIGGER_QUEUE_MAX
+            if full:
                 st.triggers_refused += 1
-                if self.link is not None:
-                    self.link.publish_error(req.camera, f"trigger queue full ({TRIGGER_QUEUE_MAX})", req.id,
-                                            req.response_topic, req.correlation)  # fmt: skip
-                return
-            st.triggers.append(req)
+            else:
+                st.triggers.append(req)
+        if full:
+            self._trigger_failed(req.camera, req, f"trigger queue full ({TRIGGER_QUEUE_MAX})")
+            return
         self._trigger_event.set()
 
     # -- scoring loop ------------------------------------------------------------------------------------------------
@@ -247,8 +272,7 @@ class Service:
         else:
             why = f"no fresh frame within {st.cfg.no_frame_timeout_s} s"
         log.warning("camera %s: trigger %r not served: %s", st.cfg.name, req.id, why)
-        if self.link is not None:
-            self.link.publish_error(st.cfg.name, why, req.id, req.response_topic, req.correlation)
+        self._trigger_failed(st.cfg.name, req, why)
 
     def _score(self, st: _CamState, frame: Frame, trigger: TriggerRequest | None) -> None:
         assert self.model is not None
@@ -262,9 +286,8 @@ class Service:
             st.errors += 1
             if st.errors == 1 or st.errors % 100 == 0:
                 log.error("camera %s frame %d: cannot score (%d so far): %s", st.cfg.name, frame.seq, st.errors, exc)
-            if trigger is not None and self.link is not None:
-                self.link.publish_error(st.cfg.name, f"cannot score: {exc}", trigger.id, trigger.response_topic,
-                                        trigger.correlation)  # fmt: skip
+            if trigger is not None:
+                self._trigger_failed(st.cfg.name, trigger, f"cannot score: {exc}")
             for out in self.outputs:
                 try:
                     out.on_frame_error(st.cfg.name, frame.seq, str(exc))
@@ -425,6 +448,9 @@ class Service:
             "cameras": cams,
             "triggers": {"in_flight": in_flight, "queue_max": TRIGGER_QUEUE_MAX, "refused_queue_full": refused},
         }
+        outs = {out.name: o for out in self.outputs if (o := out.stats()) is not None}
+        if outs:
+            doc["outputs"] = outs
         if self.spool is not None:
             cap = self.spool.capacity()
             doc["spool"] = {"depth": self.spool.depth, "dropped": self.spool.dropped,

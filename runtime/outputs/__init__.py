@@ -11,11 +11,12 @@ reverse order before them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
+    from runtime.config import RuntimeConfig
     from runtime.service import Service
 
 
@@ -68,5 +69,30 @@ class Output:
     def on_frame_error(self, camera: str, frame_seq: int, error: str) -> None:
         """A frame could not be scored (scoring thread)."""
 
+    def on_trigger_error(self, camera: str, trigger_id: str | int, error: str) -> None:
+        """A trigger got no verdict (no fresh frame, unscorable frame, queue full, shutting down); any thread."""
+
+    def stats(self) -> dict[str, Any] | None:
+        """This output's part of the stats document and status topic (``outputs.<name>``), or ``None``."""
+        return None
+
     def close(self) -> None:
         """Stop threads and release files; called once at shutdown."""
+
+
+def create_line_outputs(cfg: RuntimeConfig) -> list[Output]:
+    """The line interfaces the config enables, in start order (each imports its extra only when enabled).
+
+    Raises:
+        MissingExtraError: an enabled interface's extra is not installed (the message names ``rdedge[...]``).
+    """
+    outs: list[Output] = []
+    if cfg.modbus.enabled:
+        from runtime.outputs.modbus import ModbusOutput
+
+        outs.append(ModbusOutput(cfg))
+    if cfg.opcua.enabled:
+        from runtime.outputs.opcua import OpcUaOutput
+
+        outs.append(OpcUaOutput(cfg))
+    return outs
