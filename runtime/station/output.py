@@ -138,6 +138,14 @@ class Station(Output):
         self.audit.close()
         self.users.close()
 
+    def stats(self) -> dict[str, Any]:
+        """``outputs.station`` of the stats document: archive counters, live frames encoded, swaps, teach state."""
+        a = self.archive
+        return {"archive": {"depth": a.depth, "written": a.written, "dropped": a.dropped, "deleted": a.deleted,
+                            "failed": a.failed, "bytes": a.bytes},
+                "live_encoded": {n: c.frames_encoded for n, c in self.live.cams.items()},
+                "swaps": self.swapper.swaps if self.swapper else 0, "teach": self.teach.state}  # fmt: skip
+
     # -- scoring thread ----------------------------------------------------------------------------------------------
 
     def on_verdict(self, event: VerdictEvent) -> None:

@@ -149,7 +149,7 @@ class ModelSwapper:
     def swap(self, bundle: Path, user: str) -> None:
         """Start swapping to ``bundle`` on a worker thread; :class:`SwapError` when a swap is already running."""
         with self._lock:
-            if self._thread is not None and self._thread.is_alive():
+            if self.state != "idle":  # set back to idle as the worker's last step
                 raise SwapError(f"a swap is already running ({self.state})")
             self.state = f"loading {bundle.name}"
             self.last_error = None
@@ -172,12 +172,17 @@ class ModelSwapper:
         return True
 
     def _run(self, bundle: Path, user: str) -> None:
+        try:
+            self._swap(bundle, user)
+        finally:
+            self.state = "idle"
+
+    def _swap(self, bundle: Path, user: str) -> None:
         svc = self.service
         t0 = time.monotonic()
         try:
             new = self._load(bundle)
         except Exception as exc:  # refused: the running model stays
-            self.state = "idle"
             self.last_error = f"{bundle}: {exc}"
             log.error("model swap to %s refused: %s", bundle, exc)
             if self.on_refused is not None:
@@ -198,7 +203,6 @@ class ModelSwapper:
         while not done.wait(0.1):
             if svc.stop.is_set():
                 new.close()
-                self.state = "idle"
                 self.last_error = "service stopping"
                 return
         old: AnomalyModel = box["old"]
@@ -214,7 +218,6 @@ class ModelSwapper:
             log.error("%s: cannot remember the swap (a restart loads the configured bundle): %s", self.state_path, exc)
         log.info("model swap %s -> %s by %s (verified + warm-up %.0f ms; between frames %.1f ms after)", old_id,
                  new.model_id, user, verified_ms, (box["at"] - t0) * 1e3 - verified_ms)  # fmt: skip
-        self.state = "idle"
         if self.on_swapped is not None:
             self.on_swapped(old_id, new, user)
         if svc.link is not None:
