@@ -198,6 +198,7 @@ def main() -> int:
     ap.add_argument("--full", nargs="*", default=[], metavar="NAME=BUNDLE", help="full-data default bundles")
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop starting new draws after this")
+    ap.add_argument("--merge", action="store_true", help="keep other datasets' rows of an existing few_shot.json")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a crowded box)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -205,6 +206,9 @@ def main() -> int:
     t_start = time.time()
     full = dict(s.split("=", 1) for s in args.full)
     rows: list[dict[str, Any]] = []
+    previous = args.results / "few_shot.json"
+    if args.merge and previous.is_file():  # other datasets' draws from an earlier invocation
+        rows = [r for r in json.loads(previous.read_text())["rows"] if r["dataset"] not in args.names]
     stopped = False
     for name in args.names:
         root = args.datasets / name
