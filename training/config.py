@@ -77,6 +77,11 @@ class SelectionConfig(_Strict):
     synthetic_per_image: int = Field(3, ge=1, le=20, description="synthetic defects made from each validation image")
     density: bool = Field(True, description="fit the per-position Gaussian density head (fusion candidates)")
     density_dims: int = Field(64, ge=4, le=1024, description="PCA dimensions of the density head")
+    signal: Literal["per_kind", "pooled"] = Field(
+        "per_kind",
+        description="per_kind: mean over synthetic defect kinds of (image AUROC + pixel AUROC) / 2, so thin scratches "
+        "count as much as large blobs; pooled: one image and one pixel AUROC over all synthetic defects",
+    )
     pin: PinConfig = Field(default_factory=PinConfig, description="scoring settings fixed instead of chosen")
 
     @model_validator(mode="after")

@@ -3,8 +3,11 @@
 Four kinds, cycled so every kind is equally represented, each with its exact mask, all in ``[0, 1]`` RGB image space
 at the model resolution (made from the already preprocessed validation tensors, so nothing is decoded again):
 
-- ``texture``: a Perlin-like mask (thresholded octave simplex noise, as DRAEM / RD-E make them) filled with a crop of
-  *another* good image (the textures we have: no DTD download on a line box), blended with opacity in [0.3, 0.9).
+- ``texture``: a Perlin-like mask (thresholded octave simplex noise, as DRAEM / RD-E make them) filled with a
+  *foreign* texture, blended with opacity in [0.3, 0.9). DRAEM and RD-E fill it from DTD, which a line box cannot
+  download; here the texture is a fresh octave-simplex field (random period and contrast, grey on grey parts). The
+  first version filled it from another good image of the same part: on a random surface (kolektorsdd) that is a
+  patch of normal surface, which no candidate told from good (image AUROC 0.48-0.52), so it only added noise.
 - ``cutpaste``: a rectangle cut from another good image at another place, pasted (CutPaste, Li et al. 2021).
 - ``scratch``: a thin random polyline 1-3 px wide, darker or brighter by 0.12-0.45.
 - ``spot``: a filled ellipse whose intensity is shifted by 0.1-0.4 (blowholes, stains).
@@ -45,6 +48,17 @@ def _ellipse(rng: np.random.Generator, size: int, a: int, b: int, center: tuple[
     return m.astype(bool)
 
 
+def _foreign_texture(rng: np.random.Generator, size: int, g: torch.Generator, grey: bool) -> np.ndarray:
+    """``(size, size, 3)`` float32 in [0, 1]: octave simplex noise, period 2-16 px, contrast 0.3-1, mean 0.2-0.8."""
+    period = float(2 ** rng.integers(1, 5))
+    noise = octave_noise(1, size, size, octaves=4, persistence=0.6, base_period=period, generator=g)[0].numpy()
+    noise = noise.transpose(1, 2, 0)  # (H, W, 3), about [-1, 1]
+    if grey:
+        noise = np.repeat(noise[..., :1], 3, axis=2)
+    tex = float(rng.uniform(0.2, 0.8)) + 0.5 * float(rng.uniform(0.3, 1.0)) * noise
+    return np.clip(tex, 0.0, 1.0).astype(np.float32)
+
+
 def make_defect(
     image: np.ndarray, other: np.ndarray, kind: str, rng: np.random.Generator, g: torch.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +66,7 @@ def make_defect(
 
     Args:
         image: ``(H, W, 3)`` float32 in [0, 1], square.
-        other: another good image of the same shape (texture source).
+        other: another good image of the same shape (the cut-paste source).
         kind: one of :data:`KINDS`.
         rng, g: seeded generators.
 
@@ -63,10 +77,7 @@ def make_defect(
     out = image.copy()
     if kind == "texture":
         mask = _perlin_mask(rng, size, g)
-        shift = rng.integers(size // 4, 3 * size // 4, 2)
-        tex = np.roll(other, (int(shift[0]), int(shift[1])), axis=(0, 1))
-        if rng.random() < 0.5:
-            tex = tex[::-1, ::-1]
+        tex = _foreign_texture(rng, size, g, grey=bool(np.ptp(image, axis=2).max() < 1e-6))
         beta = float(rng.uniform(0.3, 0.9))
         m = mask[..., None]
         out = np.where(m, (1 - beta) * image + beta * tex, image)

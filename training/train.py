@@ -229,6 +229,8 @@ def fit(
             density,
             pin,
             pixel_stride=max(1, cfg.data.image_size // 128),
+            kinds=kinds,
+            signal=cfg.selection.signal,
         )
         log.info(
             "selection: %d good validation images + %d synthetic defects (%s), %d candidate recipes",

@@ -50,6 +50,7 @@ class Setup:
     synth: FeatureSet
     masks: np.ndarray
     channels: tuple[int, int, int]
+    kinds: list[str]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def setup(tiny_run: Path, demo_category: Path) -> Setup:
     train_np, _ = load_images(splits.train, SIZE, spec.mean, spec.std)
     train = feature_set(model.teacher, train_np, dev)
     good_np, _ = load_images([s for s in splits.test if s.label == 0][:4], SIZE, spec.mean, spec.std)
-    synth01, masks, _ = synthesize(to_unit_rgb(good_np, spec.mean, spec.std), per_image=2, seed=0)
+    synth01, masks, kinds = synthesize(to_unit_rgb(good_np, spec.mean, spec.std), per_image=2, seed=0)
     return Setup(
         model.student().eval(),
         ChannelStats(spec.channels).fit(train.feats),
@@ -71,6 +72,7 @@ def setup(tiny_run: Path, demo_category: Path) -> Setup:
         feature_set(model.teacher, from_unit_rgb(synth01, spec.mean, spec.std), dev),
         masks,
         spec.channels,
+        kinds,
     )
 
 
@@ -178,3 +180,28 @@ def test_candidates_and_pins() -> None:
     }
     with pytest.raises(ConfigError, match="no candidate recipe matches"):
         candidates(False, {"density_weight": 0.5})
+
+
+def test_per_kind_signal_is_the_mean_of_each_kinds_aurocs(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each kind's image and pixel AUROC against the good images, checked with metrics.auroc; signal = their mean."""
+    sel = Selector(setup.good, setup.synth, setup.masks, SIZE, SIGMA, setup.stats, setup.density, kinds=setup.kinds)
+    seen = _record_fast_path(monkeypatch)
+    ev = sel.evaluate(setup.student)
+    kinds = np.asarray(setup.kinds)
+    n_good = len(setup.good)
+    for (amap, scores), result in list(zip(seen, ev.results, strict=True))[::7]:
+        per = result["per_kind"]
+        assert set(per) == set(setup.kinds)
+        for kind, got in per.items():
+            idx = np.flatnonzero(kinds == kind)
+            img = auroc(np.r_[scores[:n_good].numpy(), scores[n_good:][idx].numpy()],
+                        np.r_[np.zeros(n_good), np.ones(idx.size)])  # fmt: skip
+            good_px = amap[:n_good, 0].numpy().ravel()
+            pos_px = amap[n_good:, 0].numpy()[idx][setup.masks[idx]]
+            px = auroc(np.r_[good_px, pos_px], np.r_[np.zeros(good_px.size), np.ones(pos_px.size)])
+            assert got["image_auroc"] == pytest.approx(img, abs=1e-9)
+            assert got["pixel_auroc"] == pytest.approx(px, abs=1e-6)
+        want = np.mean([0.5 * (v["image_auroc"] + v["pixel_auroc"]) for v in per.values()])
+        assert result["signal"] == pytest.approx(want)
+    with pytest.raises(ValueError, match="selection.signal"):
+        Selector(setup.good, setup.synth, setup.masks, SIZE, SIGMA, setup.stats, None, kinds=setup.kinds, signal="x")
