@@ -65,6 +65,7 @@ class Archive:
         self._q: queue.Queue[VerdictEvent | None] = queue.Queue(maxsize=cfg.queue_size)
         self._lock = threading.Lock()
         self._entries: collections.OrderedDict[str, int] = collections.OrderedDict()  # name -> bytes, oldest first
+        self._meta: dict[str, dict[str, Any]] = {}  # name -> metadata (the .json files, read once at start)
         self.bytes = 0
         self.dropped = 0  # queue full
         self.written = 0
@@ -73,6 +74,11 @@ class Archive:
         for meta in sorted(self.dir.glob("*.json")):
             name = meta.stem
             if NAME_RE.match(name):
+                try:
+                    self._meta[name] = json.loads(meta.read_text())
+                except (OSError, ValueError) as exc:
+                    log.warning("station archive: %s unreadable, skipped: %s", meta, exc)
+                    continue
                 size = sum(p.stat().st_size for p in self._files(name) if p.exists())
                 self._entries[name] = size
                 self.bytes += size
@@ -141,10 +147,12 @@ class Archive:
         atomic_write(self.dir / f"{name}.json", body)  # last: a .json means the frame is complete
         with self._lock:
             self._entries[name] = len(jpg) + png.nbytes + len(body)
+            self._meta[name] = meta
             self.bytes += self._entries[name]
             self.written += 1
             while self.bytes > self.max_bytes and len(self._entries) > 1:
                 old, size = self._entries.popitem(last=False)
+                self._meta.pop(old, None)
                 for p in self._files(old):
                     p.unlink(missing_ok=True)
                 self.bytes -= size
@@ -183,8 +191,13 @@ class Archive:
         return self.dir / f"{self.check_name(name)}{KINDS[kind]}"
 
     def meta(self, name: str) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads((self.dir / f"{self.check_name(name)}.json").read_text())
-        return data
+        """A copy of an entry's metadata."""
+        self.check_name(name)
+        with self._lock:
+            m = self._meta.get(name)
+        if m is None:
+            raise ArchiveError(f"no archived frame {name!r}")
+        return json.loads(json.dumps(m))  # a deep copy: callers may change it
 
     def entries(
         self,
@@ -202,7 +215,7 @@ class Archive:
                 continue
             try:
                 m = self.meta(name)
-            except (ArchiveError, OSError, ValueError):
+            except ArchiveError:
                 continue  # deleted meanwhile
             if verdict and m["verdict"] != verdict:
                 continue
@@ -236,6 +249,9 @@ class Archive:
             shutil.copyfile(src, dst)
         m["review"] = {"label": label, "by": user, "ts": time.time()}
         atomic_write(self.dir / f"{name}.json", json.dumps(m).encode())
+        with self._lock:
+            if name in self._meta:
+                self._meta[name] = m
         return old, label
 
     def _targets(self, name: str, label: str | None) -> list[Path]:
