@@ -16,6 +16,10 @@ A bundle is a directory::
     calib.npy            optional: a few calibration frames, uint8 BGR (N, H, W, 3), with their scores in the manifest
     manifest.sig         optional ed25519 signature over manifest.json's bytes (``runtime.signing``)
 
+A few-shot bundle (``rdedge train --shots K``) has the chain ``teacher, density, score`` instead: the fine-tuned
+teacher, the per-position density, and a score part whose ``score`` is the Mahalanobis distance of the pooled
+embedding (inputs ``f1, f2, f3, density_map``).
+
 Parts run in ``chain`` order; each part reads its inputs by name from the tensors produced so far (checked when the
 manifest is read), so the runtime can keep every intermediate tensor on the device. An RD-E bundle has the same
 parts; its ``teacher.onnx`` is the fine-tuned teacher (the frozen expert of training is never exported) and its
