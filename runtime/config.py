@@ -322,6 +322,25 @@ class OpcUaConfig(_Strict):
         return self
 
 
+class SparkplugConfig(_Strict):
+    """Sparkplug B edge node for SCADA (``rdedge[sparkplug]``): one device per camera (docs/sparkplug.md)."""
+
+    enabled: bool = Field(False, description="publish Sparkplug B from the service process")
+    host: str = Field("localhost", min_length=1, description="broker host (Sparkplug's own MQTT 3.1.1 session)")
+    port: int = Field(1883, ge=1, le=65535, description="broker port")
+    username: str | None = Field(None, description="broker user name")
+    password_env: str | None = Field("RDEDGE_SPARKPLUG_PASSWORD", description="environment variable with the password")
+    group_id: str = Field("rdedge", pattern=r"^[^/#+]+$", description="Sparkplug group id")
+    edge_node_id: str | None = Field(
+        None, pattern=r"^[^/#+]+$", description="edge node id (default: mqtt.device_id, else 'rdedge')"
+    )
+    keepalive_s: int = Field(10, ge=5, le=3600, description="MQTT keepalive; the broker sends NDEATH after 1.5x")
+    state_dir: Path = Field(Path("/var/lib/rdedge/sparkplug"), description="bdSeq kept here across restarts")
+    spool_max: int = Field(10_000, ge=0, le=1_000_000, description="verdicts kept in memory while offline")
+    queue_size: int = Field(1024, ge=1, le=100_000, description="verdicts waiting for the publisher thread")
+    reconnect_min_s: float = Field(1.0, gt=0, le=60, description="first reconnect delay after a broker loss")
+
+
 class RuntimeConfig(_Strict):
     """Top level of ``/etc/rdedge/config.yaml``."""
 
@@ -335,6 +354,7 @@ class RuntimeConfig(_Strict):
     ui: StationConfig = Field(default_factory=StationConfig, description="station page (off by default)")
     modbus: ModbusConfig = Field(default_factory=ModbusConfig, description="Modbus TCP server for the PLC (off)")
     opcua: OpcUaConfig = Field(default_factory=OpcUaConfig, description="OPC UA server (off by default)")
+    sparkplug: SparkplugConfig = Field(default_factory=SparkplugConfig, description="Sparkplug B (off by default)")
     threshold: float | None = Field(None, description="override the bundle's calibrated threshold (score units)")
     trusted_keys: list[Path] | None = Field(
         None,

@@ -95,4 +95,8 @@ def create_line_outputs(cfg: RuntimeConfig) -> list[Output]:
         from runtime.outputs.opcua import OpcUaOutput
 
         outs.append(OpcUaOutput(cfg))
+    if cfg.sparkplug.enabled:
+        from runtime.outputs.sparkplug import SparkplugOutput
+
+        outs.append(SparkplugOutput(cfg))
     return outs
