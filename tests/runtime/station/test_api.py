@@ -206,17 +206,20 @@ def test_threshold_apply_takes_effect_without_restart(station: RunningStation) -
         assert p["ok"] + p["ng"] == p["frames"]
         r = c.post("/api/threshold", json={"value": new})
         assert r.status_code == 200 and r.json()["old"] == old
-        station.wait(lambda: _live(c)["threshold"] == new, 10, "the new threshold in force")
+        station.wait(lambda: _live(c)["threshold"] == new, 20, "the new threshold in force")
         # every verdict after the swap carries it, and the service said so on MQTT (retained)
-        station.wait(lambda: _live(c)["cameras"]["cam1"]["last"]["threshold"] == new, 10, "a verdict with it")
+        station.wait(lambda: _live(c)["cameras"]["cam1"]["last"]["threshold"] == new, 20, "a verdict with it")
 
         def status() -> bool:
             docs = [json.loads(x) for x in station.mqtt.on("line1/threshold")]
             return any(d["threshold"] == new and d["previous"] == old and d["by"] == "erik" for d in docs)
 
-        station.wait(status, what="rdedge/line1/threshold")
-        results = [json.loads(x) for x in station.mqtt.on("cam1/result")]
-        assert results[-1]["threshold"] == round(new, 6)
+        station.wait(status, 20, "rdedge/line1/threshold")
+        results = lambda: [json.loads(x) for x in station.mqtt.on("cam1/result")]  # noqa: E731
+        station.wait(lambda: any(r["threshold"] == round(new, 6) for r in results()), 20, "a result with it")
+        first = min(r["seq"] for r in results() if r["threshold"] == round(new, 6))
+        assert all(r["threshold"] == round(new, 6) for r in results() if r["seq"] >= first)  # switched once, for good
+        assert all(r["threshold"] == round(old, 6) for r in results() if r["seq"] < first)
         entry = c.get("/api/audit", params={"action": "threshold"}).json()["entries"][0]
         assert (entry["user"], entry["old"], entry["new"]) == ("erik", old, new)
         assert json.loads((station.cfg.ui.state_dir / "threshold.json").read_text())["threshold"] == new
