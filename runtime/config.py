@@ -338,7 +338,7 @@ class SparkplugConfig(_Strict):
     state_dir: Path = Field(Path("/var/lib/rdedge/sparkplug"), description="bdSeq kept here across restarts")
     spool_max: int = Field(10_000, ge=0, le=1_000_000, description="verdicts kept in memory while offline")
     queue_size: int = Field(1024, ge=1, le=100_000, description="verdicts waiting for the publisher thread")
-    reconnect_min_s: float = Field(1.0, gt=0, le=60, description="first reconnect delay after a broker loss")
+    reconnect_min_s: int = Field(1, ge=1, le=60, description="first reconnect delay (s) after a broker loss")
 
 
 class RuntimeConfig(_Strict):
