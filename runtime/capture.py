@@ -31,6 +31,7 @@ import numpy as np
 from runtime.config import (
     CameraConfig,
     FolderSource,
+    GenICamSource,
     GStreamerSource,
     RtspSource,
     V4L2Source,
@@ -58,6 +59,10 @@ class SourceError(Exception):
 
 class SourceEnded(Exception):
     """A non-looping file source has delivered its last frame."""
+
+
+class SourceIdle(Exception):
+    """A triggered camera is reachable but has no frame yet (waiting for a trigger): up, not stuck."""
 
 
 @dataclass(frozen=True)
@@ -274,6 +279,10 @@ class FrameGrabber:
         src = self.cam.source
         if isinstance(src, FolderSource):
             return _FolderSource(src, self._count_unreadable)
+        if isinstance(src, GenICamSource):
+            from runtime.sources.genicam import AravisSource  # rdedge[genicam]: Aravis through PyGObject
+
+            return AravisSource(src, self.name)
         return _CvSource(src, read_timeout_s=self.cam.no_frame_timeout_s)
 
     def _count_unreadable(self, path: Path) -> None:
@@ -295,6 +304,15 @@ class FrameGrabber:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 logger.warning("camera %s: grab thread still blocked in a read after %.1f s", self.name, timeout)
+
+    def fire(self) -> None:
+        """A trigger arrived: fire the camera's software trigger when its source has one (GenICam), else nothing."""
+        fire = getattr(self._source, "fire", None)
+        if fire is not None:
+            try:
+                fire()
+            except Exception as exc:  # the trigger then times out like a missing frame
+                logger.warning("camera %s: software trigger failed: %s", self.name, exc)
 
     def __enter__(self) -> FrameGrabber:
         return self.start()
@@ -411,6 +429,11 @@ class FrameGrabber:
                     self._busy_since = None
                     self._set_state("ended", str(exc))
                     break
+                except SourceIdle:
+                    self._busy_since = None
+                    backoff = self.cam.reconnect_initial_s
+                    self._set_state("up")
+                    continue
                 except Exception as exc:  # SourceError, or anything OpenCV throws
                     self._busy_since = None
                     src.close()

@@ -81,8 +81,32 @@ class FolderSource(_Strict):
     pattern: str = Field("*", description="glob filter, e.g. '*.png'")
 
 
+class GenICamSource(_Strict):
+    """A GigE Vision / USB3 Vision camera through Aravis (``rdedge[genicam]``; docs/genicam.md)."""
+
+    kind: Literal["genicam"] = "genicam"
+    camera_id: str | None = Field(
+        None, description="Aravis device id ('<vendor>-<serial>'), serial number or IP address; default: the first"
+    )
+    pixel_format: Literal["Mono8", "Mono16", "RGB8", "BGR8", "BayerRG8", "BayerGR8", "BayerGB8", "BayerBG8"] | None = (
+        Field(None, description="GenICam PixelFormat to set; default: leave the camera's (Mono16 is scaled to 8 bit)")
+    )
+    exposure_us: float | None = Field(None, gt=0, description="ExposureTime in microseconds (auto exposure off)")
+    gain: float | None = Field(None, ge=0, description="Gain in the camera's units (usually dB; auto gain off)")
+    frame_rate: float | None = Field(None, gt=0, description="AcquisitionFrameRate in free-run (frames/s)")
+    trigger: Literal["free_run", "software", "hardware"] = Field(
+        "free_run",
+        description="free_run: the camera streams; software: each rdedge trigger fires TriggerSoftware (camera "
+        "mode: triggered); hardware: the camera exposes on an edge of trigger_line (camera mode: continuous)",
+    )
+    trigger_line: str = Field("Line0", min_length=1, description="TriggerSource for hardware trigger")
+    buffers: int = Field(4, ge=2, le=64, description="stream buffers queued in the driver")
+    packet_size: int | None = Field(None, ge=576, le=16384, description="GigE Vision packet size (jumbo frames)")
+
+
 CameraSource = Annotated[
-    V4L2Source | GStreamerSource | RtspSource | VideoFileSource | FolderSource, Field(discriminator="kind")
+    V4L2Source | GStreamerSource | RtspSource | VideoFileSource | FolderSource | GenICamSource,
+    Field(discriminator="kind"),
 ]
 
 
@@ -104,6 +128,8 @@ class CameraConfig(_Strict):
     def _backoff_order(self) -> CameraConfig:
         if self.reconnect_max_s < self.reconnect_initial_s:
             raise ValueError("reconnect_max_s must be >= reconnect_initial_s")
+        if isinstance(self.source, GenICamSource) and self.source.trigger == "software" and self.mode != "triggered":
+            raise ValueError("source.trigger: software needs mode: triggered (each trigger fires the camera)")
         return self
 
 

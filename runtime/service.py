@@ -254,6 +254,7 @@ class Service:
     def _serve_one(self, st: _CamState, req: TriggerRequest) -> None:
         wall_at_trigger = time.time() - (time.monotonic() - req.received)
         deadline = time.monotonic() + st.cfg.no_frame_timeout_s
+        st.grabber.fire()  # GenICam software trigger: the camera exposes now (other sources stream anyway)
         while not self.stop.is_set() and time.monotonic() < deadline:
             self.watchdog.progress()
             frame = st.grabber.latest(timeout=min(0.1, max(0.0, deadline - time.monotonic())), newer_than=st.last_seq)
