@@ -93,6 +93,7 @@ class AravisSource(_Source):
         self.stream: Any = None
         self.device_id = ""
         self.fmt = ""
+        self._gone = False  # the last read failed: the camera may not answer any more
         self._lock = threading.Lock()  # software trigger (scoring thread) vs close (grab thread)
 
     def describe(self) -> str:
@@ -136,7 +137,7 @@ class AravisSource(_Source):
         except self.GLib.Error as exc:
             raise SourceError(f"GenICam camera {s.camera_id or '(first)'}: cannot configure: {exc.message}") from None
         with self._lock:
-            self.cam, self.stream, self.fmt = cam, stream, fmt
+            self.cam, self.stream, self.fmt, self._gone = cam, stream, fmt, False
         self.device_id = str(cam.get_device_id())
         log.info("camera %s: %s %s %s, %s, %s", self.name, cam.get_vendor_name(), cam.get_model_name(),
                  self.device_id, fmt, s.trigger)  # fmt: skip
@@ -157,10 +158,12 @@ class AravisSource(_Source):
         buf = self.stream.timeout_pop_buffer(int(timeout_s * 1e6))
         if buf is None:
             if not waiting:
+                self._gone = True
                 raise SourceError(f"no frame within {timeout_s:.1f} s")
             try:  # still there? a register read over the control channel fails when the camera is gone
                 self.cam.get_pixel_format()
             except self.GLib.Error as exc:
+                self._gone = True
                 raise SourceError(f"camera gone: {exc.message}") from None
             raise SourceIdle()
         try:
@@ -171,8 +174,20 @@ class AravisSource(_Source):
             self.stream.push_buffer(buf)
 
     def close(self) -> None:
+        """Stop acquisition; a camera that is gone is let go on a daemon thread (Aravis' control-channel timeouts
+        take seconds, and the grabber must report the camera down at once)."""
         with self._lock:
-            cam, self.cam, self.stream = self.cam, None, None
-        if cam is not None:
-            with contextlib.suppress(self.GLib.Error):  # the camera is gone: nothing to stop
+            cam, stream, self.cam, self.stream = self.cam, self.stream, None, None
+        if cam is None:
+            return
+        if self._gone:
+            threading.Thread(target=self._release, args=([cam, stream],), name=f"arv-release-{self.name}",
+                             daemon=True).start()  # fmt: skip
+        else:
+            with contextlib.suppress(self.GLib.Error):
                 cam.stop_acquisition()
+
+    def _release(self, objs: list[Any]) -> None:
+        with contextlib.suppress(self.GLib.Error):
+            objs[0].stop_acquisition()
+        objs.clear()  # the last references: ArvCamera's dispose runs here, not on the grab thread
