@@ -478,6 +478,9 @@ class Service:
                 self._check_capacity(doc.get("spool"))
                 if self.link is not None:
                     self.link.publish_volatile(self.link.topics.stats, _json(doc), qos=0)
+                    for name, out in doc.get("outputs", {}).items():  # <prefix>/<device>/line/<name>/status, retained
+                        if "state" in out:
+                            self.link.set_camera_status(f"line/{name}", str(out["state"]))
                 sd_notify(f"STATUS={self._status_line()}; {doc['fps']} fps")
             except Exception:  # stats must never take the service down
                 log.exception("stats failed")
@@ -502,6 +505,8 @@ class Service:
         for out in reversed(self.outputs):
             try:
                 out.close()
+                if self.link is not None and "state" in (out.stats() or {}):
+                    self.link.set_camera_status(f"line/{out.name}", "stopped")
             except Exception:
                 log.exception("output %s: close failed", out.name)
         self.watchdog.stop()

@@ -163,3 +163,29 @@ def test_config_needs_a_triggered_camera(tmp_path: Path, tiny_bundle: Path) -> N
     data["modbus"] = {"enabled": True, "port": 70000}
     with pytest.raises(ConfigError, match="modbus.port"):
         parse_config(data)
+
+
+def test_stats_and_retained_status_topic(tmp_path: Path, tiny_bundle: Path) -> None:
+    from tests.mqtt_broker import Broker, Collector, mosquitto_missing
+
+    if mosquitto_missing():
+        pytest.skip(str(mosquitto_missing()))
+    with Broker(tmp_path / "broker") as broker:
+        col = Collector(broker, ["t/dev1/#"])
+        data = _cfg(tmp_path, tiny_bundle, free_port())
+        data["mqtt"] = {"host": broker.host, "port": broker.port, "device_id": "dev1", "topic_prefix": "t",
+                        "stats_interval_s": 0.2}  # fmt: skip
+        data["spool"] = {"path": str(tmp_path / "spool.db")}
+        stop = threading.Event()
+        t = threading.Thread(target=run_service, args=(parse_config(data), stop), daemon=True)
+        t.start()
+        assert col.wait_for(lambda: col.on("t/dev1/line/modbus/status") == [b"up"], 20)
+        assert col.wait_for(lambda: bool(col.on("t/dev1/stats")), 5)
+        import json
+
+        stats = json.loads(col.on("t/dev1/stats")[-1])
+        assert stats["outputs"]["modbus"]["state"] == "up" and stats["outputs"]["modbus"]["waiting_for"] == "trigger"
+        stop.set()
+        t.join(10)
+        assert col.wait_for(lambda: col.on("t/dev1/line/modbus/status")[-1:] == [b"stopped"], 5)
+        col.close()
