@@ -170,6 +170,7 @@ class ModbusOutput(Output):
                 loop.call_soon_threadsafe(ev.set)
         if self._thread is not None:
             self._thread.join(timeout=3)
+        log.info("modbus: stopped")
 
     def _thread_main(self) -> None:
         try:

@@ -122,6 +122,7 @@ class OpcUaOutput(Output):
         self._kick()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        log.info("opcua: stopped (%d event(s) sent)", self.events_sent)
 
     def _kick(self) -> None:
         loop, wake = self._loop, self._wake

@@ -155,6 +155,7 @@ class SparkplugOutput(Output):
                 log.warning("sparkplug: NDEATH not sent: %s", exc)
         c.disconnect()
         c.loop_stop()
+        log.info("sparkplug: stopped (NDEATH bdSeq %d)", self.bdseq)
 
     # -- paho callbacks (network thread) --------------------------------------------------------------------------
 
