@@ -109,6 +109,8 @@ async def _run_triggers(url: str, n: int) -> tuple[list[Any], dict[str, Any]]:
         while len(handler.events) < n and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert await vs.call_method(f"{idx}:Trigger", "nope", "x") is False
+        refused = await vs.call_method(f"{idx}:SelectRecipe", "other-bundle")
+        assert refused.startswith("refused: recipe selection needs the station")
         await asyncio.sleep(STATE_WAIT)
         result = await vs.get_child([f"{idx}:Cameras", f"{idx}:cam1", f"{idx}:Result"])
         last = {f: await (await result.get_child(f"{idx}:{f}")).read_value() for f in ("Seq", "Verdict", "TriggerId")}
