@@ -47,7 +47,7 @@ REG_THRESHOLD = 7  # int32: round(threshold * score_scale)
 REG_SEQ = 9  # uint32: the verdict's seq (MQTT seq; local counter without a broker)
 REG_TRIGGER_ID_ECHO = 11  # the TRIGGER_ID the PLC wrote for the trigger this result answers
 REG_ERROR = 12  # ERR_* (last error; 0 after a successful result)
-REG_RECIPE = 13  # active recipe index (v1: always 0, one bundle)
+REG_RECIPE = 13  # active recipe: index of the running bundle in the station's bundles_dir (0xFFFF: none of them)
 REG_RESULTS = 14  # uint32: results handed out through this map (OK + NG + ERROR)
 REG_OK = 16  # uint32: OK verdicts of the camera
 REG_NG = 18  # uint32: NG verdicts of the camera
@@ -58,13 +58,24 @@ STATUS_LEN = 24
 # -- control block: holding registers written by the PLC ---------------------------------------------------------
 REG_CONTROL = 100  # CTRL_* bits
 REG_TRIGGER_ID = 101  # PLC's id for the next trigger (write it before raising TRIGGER); echoed in REG_TRIGGER_ID_ECHO
-CONTROL_LEN = 2
+REG_RECIPE_SELECT = 102  # write N: hot-swap to recipe N (the station's bundles, sorted by folder name, from 0)
+CONTROL_LEN = 3
+NO_RECIPE = 0xFFFF
 
 STATE_STARTING, STATE_READY, STATE_BUSY, STATE_RESULT, STATE_CAMERA_DOWN, STATE_STOPPING = 0, 1, 2, 3, 4, 5
 STATUS_TRIGGER_READY, STATUS_RESULT_READY, STATUS_CAMERA_ONLINE, STATUS_NG, STATUS_ERROR = 1, 2, 4, 8, 16
+STATUS_RECIPE_BUSY = 32  # a recipe change is loading / verifying
 CTRL_TRIGGER, CTRL_RESULT_ACK = 1, 2
 VERDICT_NONE, VERDICT_OK, VERDICT_NG, VERDICT_ERROR = 0, 1, 2, 3
-(ERR_NONE, ERR_TRIGGER_NOT_READY, ERR_ACK_WITHOUT_RESULT, ERR_NO_FRAME, ERR_CANNOT_SCORE, ERR_REFUSED) = range(6)
+(
+    ERR_NONE,
+    ERR_TRIGGER_NOT_READY,
+    ERR_ACK_WITHOUT_RESULT,
+    ERR_NO_FRAME,
+    ERR_CANNOT_SCORE,
+    ERR_REFUSED,
+    ERR_RECIPE_REFUSED,
+) = range(7)
 
 
 def _u32(value: int) -> tuple[int, int]:
@@ -143,6 +154,7 @@ class ModbusOutput(Output):
         self._stop_async: asyncio.Event | None = None
         self._started = threading.Event()
         self._start_error: BaseException | None = None
+        self._recipe_cache: tuple[Any, int] = (None, NO_RECIPE)
 
     # -- life cycle --------------------------------------------------------------------------------------------------
 
@@ -229,23 +241,26 @@ class ModbusOutput(Output):
         self, fc: int, start: int, address: int, count: int, regs: list[int], values: list[int] | list[bool] | None
     ) -> None:
         """Called by pymodbus for every valid request; ``regs`` is its register block (index = address - start)."""
-        fire = None
+        fire, recipe = None, None
         if values is not None and address + count > REG_CONTROL:
-            fire = self._on_write(address, [int(v) for v in values])
+            fire, recipe = self._on_write(address, [int(v) for v in values])
         if fire is not None and self.service is not None:
             self.service.trigger(self.camera, fire)  # outside the lock: a refusal calls back on_trigger_error
+        if recipe is not None:
+            self._select_recipe(recipe)
         with self._lock:
             regs[REG_MAP_VERSION - start : STATUS_LEN - start] = self._status_words()
 
-    def _on_write(self, address: int, values: list[int]) -> str | None:
-        """Apply a write to the control block; returns the service trigger id to fire, if any."""
+    def _on_write(self, address: int, values: list[int]) -> tuple[str | None, int | None]:
+        """Apply a write to the control block; returns (service trigger id to fire, recipe requested), if any."""
         written = dict(zip(range(address, address + len(values)), values, strict=True))
+        recipe = written.get(REG_RECIPE_SELECT)
         with self._lock:
             s = self._s
             if REG_TRIGGER_ID in written:
                 s.trigger_id = written[REG_TRIGGER_ID] & 0xFFFF
             if REG_CONTROL not in written:
-                return None
+                return None, recipe
             new = written[REG_CONTROL] & 0xFFFF
             rising = new & ~s.control
             s.control = new
@@ -270,7 +285,7 @@ class ModbusOutput(Output):
                     s.error = ERR_TRIGGER_NOT_READY
                     s.errors += 1
                     log.warning("modbus: TRIGGER while not TRIGGER_READY (ignored)")
-            return fire
+            return fire, recipe
 
     def _status_words(self) -> list[int]:
         s = self._s
@@ -293,10 +308,63 @@ class ModbusOutput(Output):
             | (STATUS_CAMERA_ONLINE if cam_online else 0)
             | (STATUS_NG if s.verdict == VERDICT_NG else 0)
             | (STATUS_ERROR if s.verdict == VERDICT_ERROR else 0)
+            | (STATUS_RECIPE_BUSY if self._recipe_busy() else 0)
         )
         return [MAP_VERSION, s.heartbeat, state, status, s.verdict, *_u32(s.score), *_u32(s.threshold), *_u32(s.seq),
-                s.trigger_id_echo, s.error, 0, *_u32(s.results), *_u32(s.ok), *_u32(s.ng), *_u32(s.errors),
-                *_u32(round(self.scale))]  # fmt: skip
+                s.trigger_id_echo, s.error, self._recipe_index(), *_u32(s.results), *_u32(s.ok), *_u32(s.ng),
+                *_u32(s.errors), *_u32(round(self.scale))]  # fmt: skip
+
+    # -- recipes: the station's hot swap (rdedge[ui], ui.bundles_dir) -------------------------------------------------
+
+    def _swapper(self) -> Any:
+        svc = self.service
+        return next((getattr(o, "swapper", None) for o in (svc.outputs if svc else []) if o.name == "station"), None)
+
+    def _recipe_names(self) -> list[str]:
+        sw = self._swapper()
+        return [b["name"] for b in sw.bundles() if "error" not in b] if sw is not None else []
+
+    def _recipe_index(self) -> int:
+        """Index of the running bundle among the recipes (cached per model object: reads poll this)."""
+        svc = self.service
+        model = svc.model if svc is not None else None
+        if model is None:
+            return NO_RECIPE
+        if self._recipe_cache[0] is not model:
+            sw = self._swapper()
+            idx = NO_RECIPE
+            if sw is not None and model.bundle_dir.resolve().parent == sw.bundles_dir.resolve():
+                names = self._recipe_names()
+                if model.bundle_dir.name in names:
+                    idx = names.index(model.bundle_dir.name)
+            self._recipe_cache = (model, idx)
+        return self._recipe_cache[1]
+
+    def _recipe_busy(self) -> bool:
+        sw = self._swapper()
+        return sw is not None and sw.state != "idle"
+
+    def _select_recipe(self, index: int) -> None:
+        """Start the hot swap to recipe ``index``; a refusal sets ERR_RECIPE_REFUSED (the model keeps running)."""
+        sw = self._swapper()
+        why = None
+        if sw is None:
+            why = "recipe selection needs the station (ui.enabled) and its bundles_dir"
+        else:
+            names = self._recipe_names()
+            if not 0 <= index < len(names):
+                why = f"no recipe {index} ({len(names)} bundle(s) in {sw.bundles_dir})"
+            else:
+                try:
+                    sw.swap(sw.bundles_dir / names[index], user="modbus")
+                    log.info("modbus: recipe %d (%s) requested", index, names[index])
+                except Exception as exc:  # a swap already running
+                    why = str(exc)
+        if why is not None:
+            log.warning("modbus: recipe %d refused: %s", index, why)
+            with self._lock:
+                self._s.error = ERR_RECIPE_REFUSED
+                self._s.errors += 1
 
     def _camera_online(self) -> bool:
         svc = self.service

@@ -189,3 +189,40 @@ def test_stats_and_retained_status_topic(tmp_path: Path, tiny_bundle: Path) -> N
         t.join(10)
         assert col.wait_for(lambda: col.on("t/dev1/line/modbus/status")[-1:] == [b"stopped"], 5)
         col.close()
+
+
+def test_recipe_select_hot_swaps_through_the_station(tmp_path: Path, tiny_bundle: Path) -> None:
+    pytest.importorskip("fastapi")
+    import shutil
+
+    from runtime.service import Service
+    from tests.helpers.onnx_bundle import make_tiny_bundle
+
+    bundles = tmp_path / "bundles"
+    shutil.copytree(tiny_bundle, bundles / "seed0")
+    make_tiny_bundle(bundles / "seed1", seed=1)
+    data = _cfg(tmp_path, bundles / "seed0", free_port())
+    data["ui"] = {"enabled": True, "port": free_port(), "state_dir": str(tmp_path / "state"),
+                  "bundles_dir": str(bundles), "archive": {"dir": str(tmp_path / "archive")}}  # fmt: skip
+    svc = Service(parse_config(data), threading.Event())
+    svc.open()
+    threading.Thread(target=svc.loop, daemon=True).start()
+    plc = ModbusTcpClient("127.0.0.1", port=data["modbus"]["port"], timeout=2)
+    try:
+        assert plc.connect()
+        assert _status(plc)[mb.REG_RECIPE] == 0  # seed0 is the first bundle of bundles_dir
+        assert not plc.write_register(mb.REG_RECIPE_SELECT, 5).isError()
+        regs = _status(plc)
+        assert regs[mb.REG_ERROR] == mb.ERR_RECIPE_REFUSED and regs[mb.REG_RECIPE] == 0
+        assert not plc.write_register(mb.REG_RECIPE_SELECT, 1).isError()
+        _wait(plc, lambda r: r[mb.REG_RECIPE] == 1 and not r[mb.REG_STATUS] & mb.STATUS_RECIPE_BUSY, 30)
+        assert svc.model is not None and svc.model.model_id == "tiny-rd-s64-seed1"
+        # the next cycle is scored by the new recipe
+        assert not plc.write_registers(mb.REG_CONTROL, [mb.CTRL_TRIGGER, 9]).isError()
+        regs = _wait(plc, lambda r: r[mb.REG_STATUS] & mb.STATUS_RESULT_READY)
+        assert regs[mb.REG_TRIGGER_ID_ECHO] == 9 and regs[mb.REG_ERROR] == mb.ERR_NONE
+    finally:
+        plc.close()
+        svc.stop.set()
+        time.sleep(0.2)
+        svc.close(ended=False)
