@@ -149,7 +149,7 @@ def _sessions(msgs: list[tuple[str, dict[str, Any]]]) -> list[list[tuple[str, di
 
 
 def test_births_data_seq_wrap_broker_restart_historical_replay_rebirth_and_clean_ndeath(
-    tmp_path: Path, tiny_bundle: Path
+    tmp_path: Path, tiny_bundle: Path, request: pytest.FixtureRequest
 ) -> None:
     broker = Broker(tmp_path / "broker", persistence=True)
     # Sparkplug DATA is QoS 0: let mosquitto queue it for the host's persistent session while the host is still
@@ -157,6 +157,7 @@ def test_births_data_seq_wrap_broker_restart_historical_replay_rebirth_and_clean
     with open(broker.conf_path, "a") as f:
         f.write("queue_qos0_messages true\n")
     broker.start()
+    request.addfinalizer(broker.stop)  # also when an assertion fails
     host = Collector(broker, ["spBv1.0/#"], session="scada-host")
     cfg = parse_config(_cfg(tmp_path, tiny_bundle, broker))
     stop = threading.Event()
@@ -231,8 +232,9 @@ def _rdedge() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "export.cli"]
 
 
-def test_ndeath_on_sigkill_through_the_will(tmp_path: Path, tiny_bundle: Path) -> None:
+def test_ndeath_on_sigkill_through_the_will(tmp_path: Path, tiny_bundle: Path, request: pytest.FixtureRequest) -> None:
     broker = Broker(tmp_path / "broker").start()
+    request.addfinalizer(broker.stop)
     host = Collector(broker, ["spBv1.0/#"])
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(_cfg(tmp_path, tiny_bundle, broker)))
