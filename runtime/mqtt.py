@@ -26,9 +26,11 @@ paho-mqtt >= 2 (``CallbackAPIVersion.VERSION2``) speaking MQTT v5. One paho netw
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import socket
 import sqlite3
 import ssl
 import sys
@@ -273,6 +275,7 @@ class MqttLink:
         c.reconnect_delay_set(min_delay=1, max_delay=max(1, math.ceil(self.cfg.reconnect_max_s)))
         c.max_inflight_messages_set(self.cfg.max_inflight)
         c.max_queued_messages_set(0)
+        c.on_socket_open = _no_delay
         c.on_connect = self._on_connect
         c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
@@ -623,3 +626,12 @@ class MqttLink:
             self.spool.dead_letter(refused)
         except sqlite3.Error as exc:
             log.error("spool: cannot record the last acknowledgements at exit: %s (sent again next start)", exc)
+
+
+def _no_delay(client: Any, userdata: Any, sock: Any) -> None:
+    """Turn Nagle off on the broker socket: verdicts and trigger replies are small packets, and Nagle's algorithm
+    with the broker's delayed ACK held each trigger round trip ~80 ms longer (91 -> 10 ms p50 measured in
+    ``benchmarks/line_roundtrip.py`` with TCP_NODELAY on both hops)."""
+    # not a TCP socket (unix socket, websocket wrapper): nothing to tune
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
