@@ -163,6 +163,8 @@ class RDESelection:
             density,
             self.cfg.selection.pin.model_dump(),
             pixel_stride=max(1, self.cfg.data.image_size // 128),
+            kinds=self.kinds,
+            signal=self.cfg.selection.signal,
         )
         ev = selector.evaluate(student)
         return ev, stats, density, validation_loss(student, good_fs), good_fs
