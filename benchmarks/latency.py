@@ -135,7 +135,7 @@ def bench_ort(sessions: dict[str, Any], t: dict[str, np.ndarray], iters: int, wa
 
 
 def bench_tensorrt(workdir: Path, iters: int, warmup: int) -> dict[str, Any]:
-    """TensorRT FP16/FP32 end to end through the runtime backend (only with a GPU, tensorrt and pycuda)."""
+    """TensorRT FP16/FP32 end to end through the runtime backend (only with a GPU, tensorrt and cuda-python)."""
     return {"skipped": "no CUDA GPU / tensorrt on this machine"}
 
 

@@ -211,10 +211,10 @@ ensure_venv() {
   extra=$(pip_extra)
   if [[ $PLATFORM == jetson ]]; then
     # JetPack's OpenCV was compiled against the system numpy 1.x: numpy 2 in the venv would break `import cv2`.
-    # pycuda builds from source here and needs nvcc on PATH.
+    # cuda-python installs from an aarch64 wheel; the CUDA toolkit stays on PATH for anything built against it.
     local constraints="$WORK_DIR/constraints.txt"
     printf 'numpy<2\n' >"$constraints"
-    note "PATH=/usr/local/cuda/bin:\$PATH CUDA_ROOT=/usr/local/cuda for the pycuda build"
+    note "PATH=/usr/local/cuda/bin:\$PATH CUDA_ROOT=/usr/local/cuda for the pip install"
     PATH="/usr/local/cuda/bin:$PATH" CUDA_ROOT=/usr/local/cuda \
       run "$venv_py" -m pip install --constraint "$constraints" "${SRC_DIR}[$extra]"
     run "$venv_py" -m pip install --no-deps --force-reinstall "$SRC_DIR"

@@ -157,8 +157,8 @@ def test_rd_manifests_still_load_and_a_dangling_input_is_refused(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(
-    importlib.util.find_spec("tensorrt") is None or importlib.util.find_spec("pycuda") is None,
-    reason="needs tensorrt and pycuda",
+    importlib.util.find_spec("tensorrt") is None or importlib.util.find_spec("cuda") is None,
+    reason="needs tensorrt and cuda-python",
 )
 @pytest.mark.parametrize(("precision", "tol"), [("fp16", 2e-2), ("fp32", 1e-3)])
 def test_tensorrt_engines_of_the_rde_bundle_match_onnxruntime(

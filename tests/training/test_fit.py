@@ -35,8 +35,11 @@ def test_fit_writes_selection_and_the_chosen_recipe(tiny_run: Path) -> None:
     assert sel["paper_recipe"] == PAPER_RECIPE.name()
     cands = sel["candidates"]
     assert len(cands) == 48 and all({"recipe", "image_auroc", "pixel_auroc", "signal"} <= set(c) for c in cands)
-    for c in cands:
-        assert c["signal"] == pytest.approx(0.5 * (c["image_auroc"] + c["pixel_auroc"]))
+    for c in cands:  # the default signal: the mean over synthetic defect kinds of (image + pixel AUROC) / 2
+        per = c["per_kind"]
+        assert set(per) <= {"texture", "cutpaste", "scratch", "spot"} and per
+        want = sum(0.5 * (v["image_auroc"] + v["pixel_auroc"]) for v in per.values()) / len(per)
+        assert c["signal"] == pytest.approx(want)
     chosen = ScoreRecipe.from_dict(sel["chosen"])
     first_best = max(cands, key=lambda c: c["signal"])  # max() keeps the first of equals, as the selector does
     assert chosen.name() == first_best["recipe"] and sel["best_signal"] == pytest.approx(first_best["signal"])
