@@ -35,15 +35,16 @@ from training.build import build_model
 from training.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from training.config import TrainConfig
 from training.data import discover
-from training.errors import CheckpointError, ConfigError
+from training.errors import ConfigError
 from training.rde import RDEModel, make_expert
 from training.rde_loss import student_loss, teacher_loss
 from training.rde_synth import PerlinAnomaly
 from training.train import (
+    ResumeState,
     _batches,
-    _config_diff,
     _log_jsonl,
     from_unit_rgb,
+    resume_from,
     seed_everything,
     to_unit_rgb,
     validation_loss,
@@ -230,28 +231,10 @@ def fit_rde(
     per_epoch = len(_batches(n_train, cfg.optim.batch_size, cfg.seed, 0, 0, 1))
     total_steps = cfg.optim.epochs * per_epoch if cfg.optim.epochs else cfg.optim.steps
 
-    start_step, best_signal, best_step = 0, -math.inf, -1
-    history: list[dict[str, Any]] = []
-    if resume:
-        last = out / LAST
-        if not last.is_file():
-            raise CheckpointError(f"--resume: no {LAST} in {out}")
-        ckpt = load_checkpoint(last)
-        diff = _config_diff(ckpt["config"], cfg.model_dump(mode="json"))
-        if diff:
-            raise ConfigError(
-                f"--resume: {', '.join(diff)} differ(s) from the config stored in {last}; only optim.steps, "
-                "optim.epochs and optim.max_minutes may change on resume (use a new --out otherwise)"
-            )
-        model.load_state_dict(ckpt["model"])
-        expert.load_state_dict(ckpt["aux"]["expert"])
-        for opt, state in zip(optimizers, ckpt["optimizer"], strict=True):
-            opt.load_state_dict(state)
-        start_step = int(ckpt["step"])
-        best_signal = float(ckpt.get("best_signal", -math.inf))
-        best_step = int(ckpt.get("best_step", -1))
-        history = list(ckpt.get("history", []))
-        log.info("resuming from step %d (best signal %.4f at step %d)", start_step, best_signal, best_step)
+    rs = resume_from(out, cfg, model, optimizers) if resume else ResumeState()
+    if rs.aux is not None:
+        expert.load_state_dict(rs.aux["expert"])
+    start_step, best_signal, best_step, history = rs.step, rs.best_signal, rs.best_step, rs.history
 
     split_record = {"train": [str(s.path) for s in train_samples], "val": [str(s.path) for s in splits.val]}
     (out / "split.json").write_text(json.dumps(split_record, indent=1))

@@ -15,7 +15,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +136,46 @@ def from_unit_rgb(x: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]
     return np.ascontiguousarray((x.transpose(0, 3, 1, 2) - m) / s).astype(np.float32)
 
 
+@dataclass
+class ResumeState:
+    """Where a resumed run picks up (the defaults: a fresh run)."""
+
+    step: int = 0
+    best_signal: float = -math.inf
+    best_step: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)
+    aux: Any = None
+
+
+def resume_from(out: Path, cfg: TrainConfig, model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> ResumeState:
+    """Load ``out/checkpoint_last.pt`` into ``model`` and ``optimizers`` after checking that only the budget changed.
+
+    The caller restores what is its own from ``ResumeState.aux`` (an objective's state, RD-E's expert).
+    """
+    last = out / LAST
+    if not last.is_file():
+        raise CheckpointError(f"--resume: no {LAST} in {out}")
+    ckpt = load_checkpoint(last)
+    diff = _config_diff(ckpt["config"], cfg.model_dump(mode="json"))
+    if diff:
+        raise ConfigError(
+            f"--resume: {', '.join(diff)} differ(s) from the config stored in {last}; only optim.steps, "
+            "optim.epochs and optim.max_minutes may change on resume (use a new --out otherwise)"
+        )
+    model.load_state_dict(ckpt["model"])
+    for opt, state in zip(optimizers, ckpt["optimizer"], strict=True):
+        opt.load_state_dict(state)
+    rs = ResumeState(
+        int(ckpt["step"]),
+        float(ckpt.get("best_signal", -math.inf)),
+        int(ckpt.get("best_step", -1)),
+        list(ckpt.get("history", [])),
+        ckpt.get("aux"),
+    )
+    log.info("resuming from step %d (best signal %.4f at step %d)", rs.step, rs.best_signal, rs.best_step)
+    return rs
+
+
 def _batches(n: int, batch: int, seed: int, epoch: int, rank: int, world: int) -> list[Tensor]:
     """The index batches of one epoch: a seeded permutation (the same on resume), this rank's share."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
@@ -253,29 +293,10 @@ def fit(
     per_epoch = len(_batches(n_train, cfg.optim.batch_size, cfg.seed, 0, dinfo.rank, dinfo.world_size))
     total_steps = cfg.optim.epochs * per_epoch if cfg.optim.epochs else cfg.optim.steps
 
-    start_step, best_signal, best_step = 0, -math.inf, -1
-    history: list[dict[str, Any]] = []
-    if resume:
-        last = out / LAST
-        if not last.is_file():
-            raise CheckpointError(f"--resume: no {LAST} in {out}")
-        ckpt = load_checkpoint(last)
-        diff = _config_diff(ckpt["config"], cfg.model_dump(mode="json"))
-        if diff:
-            raise ConfigError(
-                f"--resume: {', '.join(diff)} differ(s) from the config stored in {last}; only optim.steps, "
-                "optim.epochs and optim.max_minutes may change on resume (use a new --out otherwise)"
-            )
-        model.load_state_dict(ckpt["model"])
-        for opt, state in zip(optimizers, ckpt["optimizer"], strict=True):
-            opt.load_state_dict(state)
-        if ckpt.get("aux") is not None and hasattr(objective, "load_state_dict"):
-            objective.load_state_dict(ckpt["aux"])
-        start_step = int(ckpt["step"])
-        best_signal = float(ckpt.get("best_signal", -math.inf))
-        best_step = int(ckpt.get("best_step", -1))
-        history = list(ckpt.get("history", []))
-        log.info("resuming from step %d (best signal %.4f at step %d)", start_step, best_signal, best_step)
+    rs = resume_from(out, cfg, model, optimizers) if resume else ResumeState()
+    if rs.aux is not None and hasattr(objective, "load_state_dict"):
+        objective.load_state_dict(rs.aux)
+    start_step, best_signal, best_step, history = rs.step, rs.best_signal, rs.best_step, rs.history
 
     split_record = {"train": [str(s.path) for s in train_samples], "val": [str(s.path) for s in splits.val]}
     if dinfo.is_main:
