@@ -16,12 +16,17 @@ command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 # GenICam (tests/runtime/sources): Aravis' typelib, PyGObject, and the fake GigE Vision camera (in aravis-tools)
 ls /usr/lib/*/girepository-1.0/Aravis-0.8.typelib >/dev/null 2>&1 || need+=(gir1.2-aravis-0.8)
 [[ -d /usr/lib/python3/dist-packages/gi ]] || need+=(python3-gi)
-command -v arv-fake-gv-camera-0.8 >/dev/null 2>&1 || need+=(aravis-tools)
+# Debian ships arv-fake-gv-camera-0.8 in aravis-tools (bookworm) and the other command-line tools in aravis-tools-cli
+command -v arv-fake-gv-camera-0.8 >/dev/null 2>&1 || need+=(aravis-tools aravis-tools-cli)
 if ((${#need[@]})); then
   SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
   echo "== installing ${need[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if [[ -n ${CI:-} ]] && ! command -v arv-fake-gv-camera-0.8 >/dev/null 2>&1; then
+  echo "CI: arv-fake-gv-camera-0.8 is still missing after apt-get (the GenICam tests would only skip)" >&2
+  exit 1
 fi
 
 PY=${PYTHON:-python3}
