@@ -17,6 +17,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from runtime.errors import ConfigError
 
 
+def resolve_secret(credential: str | None, env: str | None) -> str | None:
+    """A secret from ``$CREDENTIALS_DIRECTORY/<credential>`` (systemd ``LoadCredential=``) first, then ``$<env>``."""
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if cred_dir and credential:
+        path = Path(cred_dir) / credential
+        if path.is_file():
+            return path.read_text(encoding="utf-8").strip()
+    if env and os.environ.get(env):
+        return os.environ[env]
+    return None
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -179,14 +191,7 @@ class MqttConfig(_Strict):
 
     def resolve_password(self) -> str | None:
         """Password from ``$CREDENTIALS_DIRECTORY/<password_credential>`` first, then ``$<password_env>``."""
-        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
-        if cred_dir and self.password_credential:
-            path = Path(cred_dir) / self.password_credential
-            if path.is_file():
-                return path.read_text(encoding="utf-8").strip()
-        if self.password_env and os.environ.get(self.password_env):
-            return os.environ[self.password_env]
-        return None
+        return resolve_secret(self.password_credential, self.password_env)
 
 
 class SpoolConfig(_Strict):
@@ -315,14 +320,7 @@ class OpcUaUser(_Strict):
 
     def resolve_password(self) -> str | None:
         """Password from ``$CREDENTIALS_DIRECTORY/<password_credential>`` first, then ``$<password_env>``."""
-        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
-        if cred_dir and self.password_credential:
-            path = Path(cred_dir) / self.password_credential
-            if path.is_file():
-                return path.read_text(encoding="utf-8").strip()
-        if self.password_env and os.environ.get(self.password_env):
-            return os.environ[self.password_env]
-        return None
+        return resolve_secret(self.password_credential, self.password_env)
 
 
 class OpcUaConfig(_Strict):
