@@ -192,7 +192,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="train a Reverse Distillation model on defect-free images",
         description="Train RD (frozen ImageNet teacher -> projection -> OCBE -> student decoder) on the good images. "
         "Images are decoded and the teacher run once; each step trains OCBE + decoder on cached features (the "
-        "progress bar shows images/s). 10%% of train/good is kept aside: every 100 steps it and synthetic defects "
+        "progress bar shows images/s). 10% of train/good is kept aside: every 100 steps it and synthetic defects "
         "made from it (texture, cut-paste, scratch, spot) score every candidate scoring recipe; the best "
         "(checkpoint, recipe) is checkpoint_best.pt, and selection.json records the signal, the candidates and the "
         "choice. The same images set the threshold at export. The test set is never used. --objective rde trains "

@@ -82,6 +82,15 @@ class SelectionConfig(_Strict):
         description="per_kind: mean over synthetic defect kinds of (image AUROC + pixel AUROC) / 2, so thin scratches "
         "count as much as large blobs; pooled: one image and one pixel AUROC over all synthetic defects",
     )
+    tie_break: Literal["density", "none"] = Field(
+        "density",
+        description="density: among the candidates the signal cannot tell from the best (within one bootstrap "
+        "standard error of the paired difference), take the one with the largest density weight; none: the best "
+        "signal, whatever its margin",
+    )
+    bootstrap: int = Field(
+        30, ge=2, le=1000, description="resamples of the validation images for the tie band (tie_break: density)"
+    )
     pin: PinConfig = Field(default_factory=PinConfig, description="scoring settings fixed instead of chosen")
 
     @model_validator(mode="after")

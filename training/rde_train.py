@@ -166,6 +166,9 @@ class RDESelection:
             pixel_stride=max(1, self.cfg.data.image_size // 128),
             kinds=self.kinds,
             signal=self.cfg.selection.signal,
+            tie_break=self.cfg.selection.tie_break,
+            bootstrap=self.cfg.selection.bootstrap,
+            seed=self.cfg.seed,
         )
         ev = selector.evaluate(student)
         return ev, stats, density, validation_loss(student, good_fs), good_fs
@@ -324,7 +327,7 @@ def fit_rde(
             last_signal = ev.best_signal
             if improved:
                 best_signal, best_step = ev.best_signal, step
-                info = {"signal": ev.best_signal, "step": step, "candidates": ev.results}
+                info = {"signal": ev.best_signal, "step": step, "candidates": ev.results, "tie": ev.tie}
                 save_checkpoint(out / BEST, payload(step, scoring_state(ev.best, stats, density, info)))
         save_checkpoint(out / LAST, payload(step, None))
         if selection is None:
@@ -370,6 +373,7 @@ def fit_rde(
         if best_ckpt.get("scoring"):
             summary["chosen"] = best_ckpt["scoring"]["recipe"]
             summary["candidates"] = best_ckpt["scoring"]["info"].get("candidates", [])
+            summary["tie"] = best_ckpt["scoring"]["info"].get("tie")
     (out / "selection.json").write_text(json.dumps(summary, indent=1))
     log.info("done in %.0f s: best signal %.4f at step %d -> %s", train_s, best_signal, best_step, out / BEST)
     return out / BEST

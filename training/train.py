@@ -271,6 +271,9 @@ def fit(
             pixel_stride=max(1, cfg.data.image_size // 128),
             kinds=kinds,
             signal=cfg.selection.signal,
+            tie_break=cfg.selection.tie_break,
+            bootstrap=cfg.selection.bootstrap,
+            seed=cfg.seed,
         )
         log.info(
             "selection: %d good validation images + %d synthetic defects (%s), %d candidate recipes",
@@ -393,7 +396,7 @@ def fit(
                 last_eval = record
                 if improved:
                     best_signal, best_step = ev.best_signal, step
-                    info = {"signal": ev.best_signal, "step": step, "candidates": ev.results}
+                    info = {"signal": ev.best_signal, "step": step, "candidates": ev.results, "tie": ev.tie}
                     scoring = scoring_state(ev.best, stats, density, info)
                     save_checkpoint(out / BEST, payload(step, scoring))
                 student.train()
@@ -445,6 +448,7 @@ def fit(
             if best_ckpt.get("scoring"):
                 summary["chosen"] = best_ckpt["scoring"]["recipe"]
                 summary["candidates"] = best_ckpt["scoring"]["info"].get("candidates", [])
+                summary["tie"] = best_ckpt["scoring"]["info"].get("tie")
         (out / "selection.json").write_text(json.dumps(summary, indent=1))
         log.info(
             "done in %.0f s (+%.0f s cache): best signal %.4f at step %d -> %s",

@@ -203,5 +203,47 @@ def test_per_kind_signal_is_the_mean_of_each_kinds_aurocs(setup: Setup, monkeypa
             assert got["pixel_auroc"] == pytest.approx(px, abs=1e-6)
         want = np.mean([0.5 * (v["image_auroc"] + v["pixel_auroc"]) for v in per.values()])
         assert result["signal"] == pytest.approx(want)
+        good_px, all_px = amap[:n_good, 0].numpy().ravel(), amap[n_good:, 0].numpy()[setup.masks]
+        pooled = auroc(np.r_[good_px, all_px], np.r_[np.zeros(good_px.size), np.ones(all_px.size)])
+        assert result["pixel_auroc"] == pytest.approx(pooled, abs=1e-6)  # reported only: every defect pixel
     with pytest.raises(ValueError, match="selection.signal"):
         Selector(setup.good, setup.synth, setup.masks, SIZE, SIGMA, setup.stats, None, kinds=setup.kinds, signal="x")
+
+
+def test_weighted_auroc_with_multiplicities_is_the_auroc_of_the_repeated_sample() -> None:
+    """Each resample's AUROC equals metrics.auroc on the values repeated by their weights (ties count one half)."""
+    rng = np.random.default_rng(3)
+    neg = np.round(rng.normal(0, 1, 40), 1)  # rounded: ties between and within the sides
+    pos = np.round(rng.normal(0.7, 1, 25), 1)
+    w_neg = rng.integers(0, 4, (5, neg.size)).astype(float)
+    w_pos = rng.integers(0, 4, (5, pos.size)).astype(float)
+    order = np.argsort(neg, kind="stable")
+    cum = np.concatenate([np.zeros((5, 1)), np.cumsum(w_neg[:, order], axis=1)], axis=1)
+    got = selection._weighted_auroc(neg[order], cum, pos, w_pos)
+    for b in range(5):
+        n, p = np.repeat(neg, w_neg[b].astype(int)), np.repeat(pos, w_pos[b].astype(int))
+        want = auroc(np.r_[n, p], np.r_[np.zeros(n.size), np.ones(p.size)])
+        assert got[b] == pytest.approx(want, abs=1e-12)
+
+
+def test_tie_break_takes_the_most_density_among_candidates_within_one_standard_error(setup: Setup) -> None:
+    """The chosen recipe is within one paired bootstrap standard error of the best signal and has the largest density
+    weight of those; the checkpoint signal stays the best of any candidate; 'none' keeps the arg-max."""
+    args = (setup.good, setup.synth, setup.masks, SIZE, SIGMA, setup.stats, setup.density)
+    plain = Selector(*args, kinds=setup.kinds).evaluate(setup.student)
+    ev = Selector(*args, kinds=setup.kinds, tie_break="density", bootstrap=20, seed=1).evaluate(setup.student)
+    sig = {r["recipe"]: r["signal"] for r in ev.results}
+    assert ev.best_signal == pytest.approx(plain.best_signal) == pytest.approx(max(sig.values()))
+    assert ev.tie is not None and ev.tie["best_signal_recipe"] == plain.best.name()
+    tied = set(ev.tie["tied"])
+    assert plain.best.name() in tied and ev.best.name() in tied
+    for r in ev.results:
+        assert (r["recipe"] in tied) == (r["signal"] >= ev.best_signal - r["se_vs_best"] - 1e-12)
+    weights = {r.name(): r.density_weight for r in candidates(True)}
+    assert ev.best.density_weight == max(weights[n] for n in tied)
+    assert ev.best.rd_norm != (0.0, 1.0) or ev.best.density_weight == 0  # the chosen fused recipe carries its norms
+    # Without a density head there is nothing to prefer: the plain arg-max, no tie record.
+    no_dens = Selector(*args[:-1], None, kinds=setup.kinds, tie_break="density").evaluate(setup.student)
+    assert no_dens.tie is None
+    with pytest.raises(ValueError, match="tie_break"):
+        Selector(*args, kinds=setup.kinds, tie_break="x")
