@@ -11,6 +11,8 @@ A bundle is a directory::
     density.onnx         f1, f2, f3 -> density_map (B,1,H/8,W/8)   (optional: per-position Gaussian, FP32)
     score.onnx           f1, f2, f3, d1, d2, d3 [, density_map] -> anomaly_map (B,1,H,W), score (B,)   (FP32)
     model.onnx           optional fused graph image -> anomaly_map, score
+    <part>.int8.onnx     instead of teacher/projection/ocbe/decoder.onnx in an INT8 bundle (``--precision int8``):
+                         QDQ graphs with FP32 inputs/outputs; ``manifest.int8`` records their score parity
     classifier.onnx      optional (``rdedge label-tune``): image, anomaly_map, score -> probability (B,)  (FP32)
     engines/*.engine     optional TensorRT engines, keyed by TensorRT version, GPU name and ONNX sha256
     calib.npy            optional: a few calibration frames, uint8 BGR (N, H, W, 3), with their scores in the manifest
@@ -70,7 +72,9 @@ class PartSpec(_Strict):
 
     name: str = Field(..., description="teacher | projection | ocbe | decoder | density | score | fused")
     file: str = Field(..., description="ONNX file, relative to the bundle")
-    precision: Literal["fp32", "fp16"] = Field("fp32", description="precision the ONNX graph's weights are stored in")
+    precision: Literal["fp32", "fp16", "int8"] = Field(
+        "fp32", description="precision the ONNX graph's weights are stored in (int8: QDQ graph, see Manifest.int8)"
+    )
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
 
@@ -158,6 +162,35 @@ class ClassifierSpec(_Strict):
     stats: dict[str, float] = Field(default_factory=dict, description="cross-validated figures on those images")
 
 
+class Int8Spec(_Strict):
+    """How the bundle's INT8 parts were made and how closely they score like the FP32 chain (``--precision int8``).
+
+    The deviation is ``|score_int8 - score_fp32|`` per image, both chains run by onnxruntime on the export machine;
+    the rule is ``score_max_abs_diff <= tolerance_frac_of_threshold * threshold``. A bundle whose parts failed it
+    is still written (``accepted`` false, ``verdict`` says why) and the runtime refuses it unless
+    ``backend.allow_failed_int8`` is set.
+    """
+
+    method: str = Field(..., description="quantiser and settings, e.g. 'onnxruntime quantize_static, QDQ, ...'")
+    parts: list[str] = Field(..., min_length=1, description="parts stored as INT8 QDQ graphs")
+    fp32_parts: list[str] = Field(..., description="parts of the chain kept in FP32 (score, density, ...)")
+    fp32_nodes: list[str] = Field(default_factory=list, description="nodes of INT8 parts kept FP32 (fragile ops)")
+    calibration_source: str = Field(..., description="the defect-free images the activation ranges come from")
+    parity_source: str = Field(..., description="the defect-free images the deviation is measured on")
+    n_images: int = Field(..., ge=1, description="images of parity_source")
+    threshold: float = Field(..., description="the FP32 chain's threshold the fractions refer to (score units)")
+    score_max_abs_diff: float = Field(..., ge=0, description="max |int8 - fp32| image score, score units")
+    score_p99_abs_diff: float = Field(..., ge=0, description="99th percentile of |int8 - fp32|, score units")
+    max_frac_of_threshold: float = Field(..., ge=0, description="score_max_abs_diff / |threshold|")
+    p99_frac_of_threshold: float = Field(..., ge=0, description="score_p99_abs_diff / |threshold|")
+    tolerance_frac_of_threshold: float = Field(..., gt=0, description="the rule's bound on max_frac_of_threshold")
+    auroc_fp32: float | None = Field(None, description="image AUROC of the FP32 chain on labelled images (information)")
+    auroc_int8: float | None = Field(None, description="image AUROC of the INT8 chain on the same images")
+    auroc_source: str | None = Field(None, description="which labelled images (evaluation only: nothing chosen)")
+    accepted: bool = Field(..., description="the parity rule held")
+    verdict: str = Field(..., description="the outcome in one sentence")
+
+
 class Manifest(_Strict):
     """``manifest.json``."""
 
@@ -177,10 +210,16 @@ class Manifest(_Strict):
     extra: dict[str, str | float | int | bool] = Field(default_factory=dict, description="free-form metadata")
     calibration: CalibrationSpec | None = Field(None, description="frames + scores for the load-time check")
     classifier: ClassifierSpec | None = Field(None, description="optional labelled-defect classifier and its rule")
+    int8: Int8Spec | None = Field(None, description="INT8 parts: how they were quantised, their score parity")
 
     @model_validator(mode="after")
     def _chain_complete(self) -> Manifest:
         names = [p.name for p in self.parts]
+        int8 = sorted(p.name for p in [*self.parts, *([self.fused] if self.fused else [])] if p.precision == "int8")
+        if int8 and self.int8 is None:
+            raise ValueError(f"parts {int8} are int8 but the manifest has no 'int8' parity record")
+        if self.int8 is not None and sorted(self.int8.parts) != int8:
+            raise ValueError(f"int8.parts {sorted(self.int8.parts)} differ from the parts stored as int8 {int8}")
         if names not in (list(CHAIN), list(CHAIN_WITH_DENSITY), list(CHAIN_FEWSHOT)):
             raise ValueError(
                 f"parts must be {list(CHAIN)} (or with 'density' before 'score', or the few-shot "

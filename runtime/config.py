@@ -44,6 +44,11 @@ class BackendConfig(_Strict):
     fused: bool = Field(False, description="run the bundle's fused single graph instead of the chained parts")
     cuda_graph: bool = Field(False, description="tensorrt: capture the chain in a CUDA graph after warm-up")
     gpu_id: int = Field(0, ge=0, description="CUDA device ordinal")
+    allow_failed_int8: bool = Field(
+        False,
+        description="load an int8 bundle whose parts failed the export's score-parity rule (manifest.int8.accepted "
+        "false); without it such a bundle is refused",
+    )
 
 
 class RoiConfig(_Strict):

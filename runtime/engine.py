@@ -109,6 +109,7 @@ class AnomalyModel:
         self._classifier: Any | None = None
         keys = [k if isinstance(k, PublicKey) else load_public_key(k) for k in trusted_keys or ()]
         self._manifest = load_manifest(self.bundle_dir, verify=verify, trusted_keys=keys)
+        check_int8(self.bundle_dir, self._manifest, backend.allow_failed_int8)
         self._threshold = float(threshold) if threshold is not None else self._manifest.threshold.value
         self._pre = Preprocessor(self._manifest.preprocess, self._manifest.input)
         self._input_name = self._manifest.input.name
@@ -265,6 +266,27 @@ class AnomalyModel:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def check_int8(bundle_dir: Path, manifest: Manifest, allow_failed: bool) -> None:
+    """Refuse a bundle whose INT8 parts failed the export's score-parity rule, unless ``allow_failed``.
+
+    Raises:
+        BundleError: ``manifest.int8.accepted`` is false and ``allow_failed`` is not set.
+    """
+    q = manifest.int8
+    if q is None or q.accepted:
+        return
+    what = (
+        f"{bundle_dir}: int8 parts {q.parts} failed the export's score-parity rule: max |int8 - fp32| score "
+        f"{q.score_max_abs_diff:.3g} = {q.max_frac_of_threshold:.2%} of the threshold {q.threshold:.6g} (allowed "
+        f"{q.tolerance_frac_of_threshold:.2%}, {q.n_images} images of {q.parity_source})"
+    )
+    if not allow_failed:
+        raise BundleError(
+            f"{what}; refused: use the fp32 export, or set backend.allow_failed_int8: true to run it anyway"
+        )
+    logger.warning("%s; loaded anyway (backend.allow_failed_int8)", what)
 
 
 def _load_classifier(bundle_dir: Path, manifest: Manifest, threads: int) -> Any | None:
