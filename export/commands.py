@@ -24,6 +24,7 @@ def export_command(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         force=args.force,
         sign=args.sign,
+        int8_calib_images=args.int8_calib_images,
     )
     if args.parity_tol is not None:
         opts.parity_tol = args.parity_tol
@@ -43,6 +44,9 @@ def export_command(args: argparse.Namespace) -> int:
             f"F1-optimal on labelled data (information only): threshold {f1['threshold']:.6g}, "
             f"F1 {f1['f1']:.3f}, precision {f1['precision']:.3f}, recall {f1['recall']:.3f}"
         )
+    if manifest.int8 is not None:
+        q = manifest.int8
+        print(f"int8 {'+'.join(q.parts)}: {q.verdict}", file=sys.stdout if q.accepted else sys.stderr)
     if args.sign is not None:
         print(f"signed with {args.sign} (manifest.sig)")
     print(out)
@@ -128,9 +132,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trt", action="store_true", help="also build TensorRT engines on this machine's GPU")
     p.add_argument(
         "--precision",
-        choices=["fp16", "fp32"],
+        choices=["fp16", "fp32", "int8"],
         default="fp16",
-        help="fp16 (default): also write <part>.fp16.onnx and build FP16 engines; score stays FP32",
+        help="fp16 (default): also write <part>.fp16.onnx and build FP16 engines; score stays FP32. int8: a CPU "
+        "bundle whose teacher/projection/ocbe/decoder are ONNX Runtime INT8 QDQ graphs calibrated on defect-free "
+        "images (score FP32); its score parity against FP32 goes into manifest.int8, and a bundle failing the rule "
+        "(max deviation > 1%% of the threshold on the validation images) is written but refused by the runtime "
+        "unless backend.allow_failed_int8 is set",
+    )
+    p.add_argument(
+        "--int8-calib-images",
+        type=int,
+        default=64,
+        metavar="N",
+        help="with --precision int8: defect-free images that set the activation ranges (the run's training images, "
+        "spread evenly; default 64)",
     )
     p.add_argument("--fused", action="store_true", help="also write model.onnx (image -> anomaly_map, score)")
     p.add_argument("--target-far", type=float, default=0.01, help="target false-alarm rate of the threshold (0.01)")

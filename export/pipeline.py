@@ -2,7 +2,8 @@
 
 Steps: load the run (``training.build.load_model``; every weight, teacher included, comes from the checkpoint's
 ``model`` entry and none from ``aux``) -> export the five parts (+ fused graph) and check each against torch on two
-inputs -> FP16 copies of the four FP16-able parts -> score the calibration images through the exported ONNX chain
+inputs -> FP16 copies of the four FP16-able parts (or, with ``--precision int8``, INT8 QDQ parts in their place, see
+:mod:`export.int8`) -> score the calibration images through the exported ONNX chain
 with ONNX Runtime (what the runtime runs) and check them against torch -> a few of them kept as calibration frames
 (``calib.npy``, scores in ``manifest.calibration``; the runtime reproduces them at load) -> threshold ->
 ``manifest.json`` through ``runtime.bundle`` -> optional TensorRT engines -> optional ed25519 signature
@@ -21,12 +22,14 @@ import numpy as np
 
 from export.bundle_writer import check_target, finalize_manifest, model_id, staging, tool_versions, utc_now
 from export.errors import ExportError, require
+from export.int8 import INT8_SCORE_FRAC
 from export.parity import FP16_SCORE_TOL, PART_TOL, SCORE_TOL
 from runtime.bundle import (
     CHAIN,
     CHAIN_WITH_DENSITY,
     CalibrationSpec,
     InputSpec,
+    Int8Spec,
     Manifest,
     PartSpec,
     PreprocessSpec,
@@ -49,7 +52,7 @@ class ExportOptions:
     image_size: int | None = None
     opset: int = 17
     trt: bool = False
-    precision: Literal["fp16", "fp32"] = "fp16"
+    precision: Literal["fp16", "fp32", "int8"] = "fp16"
     fused: bool = False
     target_far: float = 0.01
     max_batch: int = 4
@@ -60,6 +63,8 @@ class ExportOptions:
     seed: int = 0
     sign: Path | None = None
     calib_frames: int = 4
+    int8_calib_images: int = 64
+    int8_score_frac: float = INT8_SCORE_FRAC
 
 
 @dataclass
@@ -208,6 +213,19 @@ def write_calibration_frames(
     )
 
 
+def int8_calibration_images(ckpt: dict[str, Any], calib: CalibrationSet, n: int) -> tuple[list[Path], str]:
+    """Defect-free images for the INT8 activation ranges: ``n`` of the run's training images spread evenly over the
+    list (``ckpt["split"]["train"]``, train/good) when they are on disk, else the threshold images; and a description.
+    """
+    train = [Path(p) for p in (ckpt.get("split") or {}).get("train", [])]
+    if train and all(p.is_file() for p in train):
+        pool, what = train, "training images (train/good)"
+    else:
+        pool, what = list(calib.good), f"threshold images ({calib.source}; the run's training images are not here)"
+    idx = sorted({int(i) for i in np.linspace(0, len(pool) - 1, min(n, len(pool))).round()})
+    return [pool[i] for i in idx], f"{len(idx)} of the {len(pool)} {what}, spread evenly over the list"
+
+
 def _torch_scores(model: Any, scoring: Any, images: np.ndarray, batch: int = 8) -> np.ndarray:
     return np.concatenate(
         [_torch_chain(model, scoring, images[i : i + batch])["score"] for i in range(0, len(images), batch)]
@@ -241,6 +259,20 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
         raise ExportError(f"--max-batch must be >= 1, got {opts.max_batch}")
     if opts.calib_frames < 1:
         raise ExportError(f"calib_frames must be >= 1, got {opts.calib_frames}")
+    if opts.precision not in ("fp16", "fp32", "int8"):
+        raise ExportError(f"--precision must be fp16, fp32 or int8, got {opts.precision!r}")
+    if opts.precision == "int8":
+        if opts.trt:
+            raise ExportError(
+                "--precision int8 makes ONNX Runtime CPU parts; TensorRT engines are built from an fp16 or fp32 "
+                "export (drop --trt, or export with --precision fp16 --trt)"
+            )
+        if opts.fused:
+            raise ExportError("--precision int8: the fused graph is not quantised; export int8 without --fused")
+        if opts.int8_calib_images < 1:
+            raise ExportError(f"--int8-calib-images must be >= 1, got {opts.int8_calib_images}")
+        if not 0.0 < opts.int8_score_frac < 1.0:
+            raise ExportError(f"int8_score_frac must be in (0, 1), got {opts.int8_score_frac}")
     if opts.sign is not None:
         from runtime.signing import check_private_key
 
@@ -355,17 +387,28 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
         preprocess = PreprocessSpec(
             color="rgb", interpolation="linear", scale=1.0 / 255.0, mean=list(spec.mean), std=list(spec.std)
         )
-        calibration = write_calibration_frames(
-            tmp, calib.good, ort_scores, chain, preprocess, input_spec, opts.calib_frames
-        )
-
         thr = calibrate_threshold(ort_scores, opts.target_far)
-        q = 1.0 - opts.target_far
-        f1: dict[str, float] | None = None
+        lab_images = labels = None
         if calib.labelled:
             lab_images = load_images([p for p, _ in calib.labelled], size, spec.mean, spec.std)
-            lab_scores, _ = parity.chain_scores(chain, lab_images)
             labels = np.array([lab for _, lab in calib.labelled])
+        int8: Int8Spec | None = None
+        served = chain  # the chain the runtime will run: its scores go with the calibration frames
+        if opts.precision == "int8":
+            q_paths, q_source = int8_calibration_images(ckpt, calib, opts.int8_calib_images)
+            int8, served = _int8_parts(
+                tmp, opts, chain_names, specs, sessions, load_images(q_paths, size, spec.mean, spec.std), q_source,
+                calib_images, ort_scores, float(thr.value), calib.source, lab_images, labels, calib.labelled_source,
+            )  # fmt: skip
+            extra["int8.accepted"] = int8.accepted
+        calibration = write_calibration_frames(
+            tmp, calib.good, ort_scores, served, preprocess, input_spec, opts.calib_frames
+        )
+
+        q = 1.0 - opts.target_far
+        f1: dict[str, float] | None = None
+        if lab_images is not None and labels is not None:
+            lab_scores, _ = parity.chain_scores(chain, lab_images)
             f1 = {k: float(v) for k, v in f1_optimal(lab_scores, labels).items()}
             f1.update({"n_images": float(len(labels)), "n_defective": float(labels.sum())})
             extra["threshold.f1_optimal_source"] = (
@@ -397,6 +440,7 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
             versions=tool_versions(),
             extra=extra,
             calibration=calibration,
+            int8=int8,
         )
         manifest = finalize_manifest(tmp, manifest)
         if opts.trt:
@@ -408,4 +452,94 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
 
             log.info("signed manifest.json with key %s", sign_bundle(tmp, opts.sign))
     log.info("bundle %s: model %s, threshold %.6g (%s)", out, manifest.model_id, manifest.threshold.value, calib.source)
+    if manifest.int8 is not None and not manifest.int8.accepted:
+        log.warning("%s: %s", out, manifest.int8.verdict)
     return out, manifest
+
+
+def _int8_parts(
+    tmp: Path,
+    opts: ExportOptions,
+    chain_names: tuple[str, ...],
+    specs: dict[str, PartSpec],
+    sessions: dict[str, Any],
+    quant_images: np.ndarray,
+    quant_source: str,
+    val_images: np.ndarray,
+    val_scores: np.ndarray,
+    threshold: float,
+    val_source: str,
+    lab_images: np.ndarray | None,
+    labels: np.ndarray | None,
+    lab_source: str,
+) -> tuple[Int8Spec, list[Any]]:
+    """Replace the INT8-able parts in ``tmp`` and ``specs`` by INT8 QDQ graphs; measure their score parity.
+
+    ``quant_images`` (defect-free) set the activation ranges; ``val_images`` with the FP32 chain's ``val_scores``
+    measure the deviation against ``threshold`` (the FP32 one, which the bundle keeps). Each FP32 file replaced is
+    removed from the bundle. Returns the manifest record and the chain of sessions the bundle now runs.
+    """
+    from export import int8 as q8
+    from export import parity
+    from training.metrics import auroc
+
+    fp32_chain = [sessions[p] for p in chain_names]
+    feeds = q8.chain_tensors(fp32_chain, quant_images)
+    done: list[q8.QuantizedPart] = []
+    served = dict(sessions)
+    for name in chain_names:
+        if name not in q8.INT8_PARTS:
+            continue
+        part = q8.quantize_part(name, tmp / specs[name].file, tmp / f"{name}.int8.onnx", feeds)
+        if part is None:
+            continue
+        (tmp / specs[name].file).unlink()
+        specs[name] = specs[name].model_copy(update={"file": part.file, "precision": "int8"})
+        served[name] = parity.session(tmp / part.file)
+        done.append(part)
+    if not done:
+        raise ExportError("--precision int8: no part of this model has weights to quantise")
+    chain = [served[p] for p in chain_names]
+    scores, _ = parity.chain_scores(chain, val_images)
+    par = q8.score_parity(val_scores, scores, threshold, opts.int8_score_frac)
+    log.info(
+        "parity int8 chain vs fp32 (n=%d): max |diff| %.3g = %.2f%% of the threshold, p99 %.3g (rule: <= %.2f%%)",
+        par.n_images, par.max_abs, 100 * par.max_frac, par.p99_abs, 100 * par.tolerance_frac,
+    )  # fmt: skip
+    au32 = au8 = None
+    if lab_images is not None and labels is not None:
+        au32 = float(auroc(parity.chain_scores(fp32_chain, lab_images)[0], labels))
+        au8 = float(auroc(parity.chain_scores(chain, lab_images)[0], labels))
+        log.info("int8 image AUROC %.4f vs fp32 %.4f on %s (information only)", au8, au32, lab_source)
+    if par.accepted:
+        verdict = (
+            f"accepted: max |int8 - fp32| score {par.max_abs:.3g} is {par.max_frac:.2%} of the threshold "
+            f"(rule <= {par.tolerance_frac:.2%}) on {par.n_images} validation images"
+        )
+    else:
+        verdict = (
+            f"FAILED the parity rule: max |int8 - fp32| score {par.max_abs:.3g} is {par.max_frac:.2%} of the "
+            f"threshold (rule <= {par.tolerance_frac:.2%}) on {par.n_images} validation images; the runtime refuses "
+            "this bundle unless backend.allow_failed_int8 is set: use the fp32 or fp16 export"
+        )
+    spec = Int8Spec(
+        method=q8.method(len(quant_images)),
+        parts=sorted(p.name for p in done),
+        fp32_parts=[p for p in chain_names if p not in {d.name for d in done}],
+        fp32_nodes=[f"{p.name}/{n}" for p in done for n in p.fp32_nodes],
+        calibration_source=quant_source,
+        parity_source=val_source,
+        n_images=par.n_images,
+        threshold=threshold,
+        score_max_abs_diff=par.max_abs,
+        score_p99_abs_diff=par.p99_abs,
+        max_frac_of_threshold=par.max_frac,
+        p99_frac_of_threshold=par.p99_frac,
+        tolerance_frac_of_threshold=par.tolerance_frac,
+        auroc_fp32=au32,
+        auroc_int8=au8,
+        auroc_source=f"{lab_source} (evaluation only, nothing chosen on it)" if au32 is not None else None,
+        accepted=par.accepted,
+        verdict=verdict,
+    )
+    return spec, chain

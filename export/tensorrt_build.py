@@ -341,6 +341,11 @@ def build_engines(
 
     bundle_dir = Path(bundle_dir)
     manifest = load_manifest(bundle_dir, verify=True)
+    if manifest.int8 is not None:
+        raise ExportError(
+            f"{bundle_dir}: an int8 bundle (parts {manifest.int8.parts} are ONNX Runtime QDQ graphs for the CPU); "
+            "build engines from the fp16 or fp32 export of the same run"
+        )
     trt = import_tensorrt()
     gpu = cuda_rt.device_identity(gpu_id)
     cuda_rt.set_device(gpu_id)

@@ -149,44 +149,63 @@ def bench(
 
 
 def bundle_precision(manifest: Manifest) -> str:
-    """A short label of what a bundle runs in: the parts' ONNX precision (``fp32``, ``int8``..) and its engines'."""
-    parts = sorted({str(p.precision) for p in manifest.parts})
-    label = "+".join(parts)
+    """A short label of what a bundle runs in: the parts' ONNX precision (``fp32``, ``int8``..) and its engines'.
+
+    An INT8 bundle reads e.g. ``int8 (fp32: projection, score; parity 0.41% of thr, accepted)``.
+    """
+    q = manifest.int8
+    if q is not None:
+        verdict = "accepted" if q.accepted else "FAILED parity"
+        label = f"int8 (fp32: {', '.join(q.fp32_parts)}; parity {q.max_frac_of_threshold:.2%} of thr, {verdict})"
+    else:
+        label = "+".join(sorted({str(p.precision) for p in manifest.parts}))
     engines = sorted({e.precision for e in manifest.engines})
     return f"{label} (engines {'+'.join(engines)})" if engines else label
 
 
-def comparison_variants(manifest: Manifest) -> list[tuple[str, BackendConfig]]:
+def comparison_variants(
+    manifest: Manifest, threads: int = 0, allow_failed_int8: bool = False
+) -> list[tuple[str, BackendConfig]]:
     """The backend settings this box can run for a bundle, cheapest to set up first.
 
     ONNX Runtime CPU (chain, and fused when the bundle has it); ONNX Runtime CUDA when the installed onnxruntime has
-    the CUDA provider; TensorRT (chain, chain + CUDA graph, fused) when the bundle has engines and tensorrt imports.
-    Engines built for another device are still listed: their row then says why they cannot run.
+    the CUDA provider and the bundle has no INT8 parts (their QDQ graphs are the CPU path); TensorRT (chain, chain +
+    CUDA graph, fused) when the bundle has engines and tensorrt imports. Engines built for another device are still
+    listed: their row then says why they cannot run. ``threads`` (ONNX Runtime CPU intra-op threads, 0 = its
+    default) and ``allow_failed_int8`` go into every setting.
     """
-    out = [("onnxruntime cpu", BackendConfig())]
+    base = {"threads": threads, "allow_failed_int8": allow_failed_int8}
+    out = [("onnxruntime cpu", BackendConfig(**base))]
     if manifest.fused is not None:
-        out.append(("onnxruntime cpu fused", BackendConfig(fused=True)))
+        out.append(("onnxruntime cpu fused", BackendConfig(fused=True, **base)))
     try:
         import onnxruntime
 
-        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-            out.append(("onnxruntime cuda", BackendConfig(device="cuda")))
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers() and manifest.int8 is None:
+            out.append(("onnxruntime cuda", BackendConfig(device="cuda", **base)))
     except ImportError:
         pass
     if manifest.engines and importlib.util.find_spec("tensorrt") is not None:
-        out.append(("tensorrt", BackendConfig(kind="tensorrt")))
-        out.append(("tensorrt cuda graph", BackendConfig(kind="tensorrt", cuda_graph=True)))
+        out.append(("tensorrt", BackendConfig(kind="tensorrt", **base)))
+        out.append(("tensorrt cuda graph", BackendConfig(kind="tensorrt", cuda_graph=True, **base)))
         if any(e.part == "fused" for e in manifest.engines):
-            out.append(("tensorrt fused", BackendConfig(kind="tensorrt", fused=True)))
+            out.append(("tensorrt fused", BackendConfig(kind="tensorrt", fused=True, **base)))
     return out
 
 
 def compare(
-    bundles: list[Path], frames: int = 200, warmup: int = 10, image: Path | None = None, timeout_s: float = 600.0
+    bundles: list[Path],
+    frames: int = 200,
+    warmup: int = 10,
+    image: Path | None = None,
+    timeout_s: float = 600.0,
+    threads: int = 0,
+    allow_failed_int8: bool = False,
 ) -> list[dict[str, Any]]:
     """Bench every bundle under every backend setting this box can run, each in a fresh process.
 
     A fresh process per row keeps ``peak_rss_mb`` the row's own (``ru_maxrss`` only grows) and the cold start cold.
+    ``threads`` and ``allow_failed_int8`` are passed to :func:`comparison_variants`.
 
     Returns:
         One dict per row: ``bundle``, ``model_id``, ``precision``, ``variant``, and either ``result`` (the
@@ -195,7 +214,7 @@ def compare(
     rows: list[dict[str, Any]] = []
     for bundle_dir in bundles:
         manifest = load_manifest(bundle_dir, verify=False)
-        for label, cfg in comparison_variants(manifest):
+        for label, cfg in comparison_variants(manifest, threads, allow_failed_int8):
             row: dict[str, Any] = {"bundle": str(bundle_dir), "model_id": manifest.model_id,
                                    "precision": bundle_precision(manifest), "variant": label}  # fmt: skip
             code = (
@@ -232,24 +251,29 @@ def _repo_root() -> str:
 
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table of :func:`compare` rows: end-to-end and model-only p50 / p99, frames/s, peak RSS, cold start."""
+    """Markdown table of :func:`compare` rows: end-to-end and model-only p50 / p99, frames/s, peak RSS, cold start,
+    and the model-only p50 speed-up against the first row that ran (e.g. the FP32 bundle, with an INT8 one after it).
+    """
     head = (
         "| bundle | precision | backend | total p50 / p99 ms | model p50 / p99 ms | frames/s | peak RSS MiB | "
-        "cold start ms |\n|---|---|---|---|---|---|---|---|"
+        "cold start ms | model speed-up vs row 1 |\n|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
+    ref: float | None = None
     for row in rows:
         name = f"{row['model_id']}"
         if "result" not in row:
-            lines.append(f"| {name} | {row['precision']} | {row['variant']} | not run: {row['error']} | | | | |")
+            lines.append(f"| {name} | {row['precision']} | {row['variant']} | not run: {row['error']} | | | | | |")
             continue
         r = row["result"]
         st = r["stages_ms"]
         model = [k for k in st if k not in ("preprocess", "total", "classifier")]
         # model time: the sum of the backend's stage p50s / p99s (an upper bound of the p99 of the sum)
         m50, m99 = sum(st[k]["p50"] for k in model), sum(st[k]["p99"] for k in model)
+        ref = m50 if ref is None else ref
         lines.append(
             f"| {name} | {row['precision']} | {row['variant']} | {st['total']['p50']:.2f} / {st['total']['p99']:.2f} "
-            f"| {m50:.2f} / {m99:.2f} | {r['fps']:.1f} | {r['peak_rss_mb']:.0f} | {r['cold_start_ms']:.0f} |"
+            f"| {m50:.2f} / {m99:.2f} | {r['fps']:.1f} | {r['peak_rss_mb']:.0f} | {r['cold_start_ms']:.0f} "
+            f"| x{ref / m50:.2f} |"
         )
     return "\n".join(lines)

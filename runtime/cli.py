@@ -194,14 +194,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from runtime.config import BackendConfig
 
     if args.compare:
-        rows = compare([Path(args.bundle), *args.also], frames=args.frames, warmup=args.warmup, image=args.image)
+        rows = compare(
+            [Path(args.bundle), *args.also],
+            frames=args.frames,
+            warmup=args.warmup,
+            image=args.image,
+            threads=args.threads,
+            allow_failed_int8=args.allow_failed_int8,
+        )
         if args.json_out is not None:
             args.json_out.write_text(json.dumps(rows, indent=2))
         print(comparison_table(rows))
         return 0 if any("result" in r for r in rows) else 1
     try:
         backend = BackendConfig.model_validate(
-            {"kind": args.backend, "device": args.device, "threads": args.threads, "fused": args.fused}
+            {
+                "kind": args.backend,
+                "device": args.device,
+                "threads": args.threads,
+                "fused": args.fused,
+                "allow_failed_int8": args.allow_failed_int8,
+            }
         )
     except ValueError as exc:
         raise ConfigError(f"bench: {exc}") from None
@@ -320,12 +333,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--compare",
         action="store_true",
         help="bench every backend this box can run (ORT CPU/CUDA, chain/fused, TensorRT +- CUDA graph), each in its "
-        "own process, and print them side by side (--backend/--device/--threads/--fused are then ignored)",
+        "own process, and print them side by side (--backend/--device/--fused are then ignored; --threads applies)",
     )
     p.add_argument(
         "--also", type=Path, action="append", default=[], help="with --compare: another bundle (e.g. the int8 one)"
     )
     p.add_argument("--json-out", type=Path, default=None, help="with --compare: write the rows as JSON here")
+    p.add_argument(
+        "--allow-failed-int8",
+        action="store_true",
+        help="also load an int8 bundle that failed its export score-parity check (refused otherwise)",
+    )
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser(
