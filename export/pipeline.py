@@ -388,17 +388,19 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
             color="rgb", interpolation="linear", scale=1.0 / 255.0, mean=list(spec.mean), std=list(spec.std)
         )
         thr = calibrate_threshold(ort_scores, opts.target_far)
-        lab_images = labels = None
-        if calib.labelled:
+        lab_images = labels = lab_scores = None
+        if calib.labelled:  # scored once by the FP32 chain: the F1 threshold below and the int8 AUROC use it
             lab_images = load_images([p for p, _ in calib.labelled], size, spec.mean, spec.std)
             labels = np.array([lab for _, lab in calib.labelled])
+            lab_scores, _ = parity.chain_scores(chain, lab_images)
         int8: Int8Spec | None = None
         served = chain  # the chain the runtime will run: its scores go with the calibration frames
         if opts.precision == "int8":
             q_paths, q_source = int8_calibration_images(ckpt, calib, opts.int8_calib_images)
             int8, served = _int8_parts(
                 tmp, opts, chain_names, specs, sessions, load_images(q_paths, size, spec.mean, spec.std), q_source,
-                calib_images, ort_scores, float(thr.value), calib.source, lab_images, labels, calib.labelled_source,
+                calib_images, ort_scores, float(thr.value), calib.source, lab_images, lab_scores, labels,
+                calib.labelled_source,
             )  # fmt: skip
             extra["int8.accepted"] = int8.accepted
         calibration = write_calibration_frames(
@@ -407,8 +409,7 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
 
         q = 1.0 - opts.target_far
         f1: dict[str, float] | None = None
-        if lab_images is not None and labels is not None:
-            lab_scores, _ = parity.chain_scores(chain, lab_images)
+        if lab_scores is not None and labels is not None:
             f1 = {k: float(v) for k, v in f1_optimal(lab_scores, labels).items()}
             f1.update({"n_images": float(len(labels)), "n_defective": float(labels.sum())})
             extra["threshold.f1_optimal_source"] = (
@@ -470,6 +471,7 @@ def _int8_parts(
     threshold: float,
     val_source: str,
     lab_images: np.ndarray | None,
+    lab_scores: np.ndarray | None,
     labels: np.ndarray | None,
     lab_source: str,
 ) -> tuple[Int8Spec, list[Any]]:
@@ -507,8 +509,8 @@ def _int8_parts(
         par.n_images, par.max_abs, 100 * par.max_frac, par.p99_abs, 100 * par.tolerance_frac,
     )  # fmt: skip
     au32 = au8 = None
-    if lab_images is not None and labels is not None:
-        au32 = float(auroc(parity.chain_scores(fp32_chain, lab_images)[0], labels))
+    if lab_images is not None and lab_scores is not None and labels is not None:
+        au32 = float(auroc(lab_scores, labels))
         au8 = float(auroc(parity.chain_scores(chain, lab_images)[0], labels))
         log.info("int8 image AUROC %.4f vs fp32 %.4f on %s (information only)", au8, au32, lab_source)
     if par.accepted:

@@ -182,6 +182,9 @@ class Selector:
         else:
             self.sources = n_good + np.arange(n_synth)
             units = n_good + n_synth
+        # Each synthetic image's share of ``map[synth][synth_masks]`` (its defect pixels, in image order).
+        self.defect_counts = self.synth_masks.reshape(n_synth, -1).sum(axis=1)
+        self.defect_starts = np.r_[0, np.cumsum(self.defect_counts)]
         rng = np.random.default_rng(seed)
         # (B, units) multiplicities of the resampled units (a good image with its defects is one unit).
         self.boot_w = rng.multinomial(units, np.full(units, 1.0 / units), size=bootstrap).astype(np.float64)
@@ -320,9 +323,7 @@ class Selector:
         owner_neg = np.repeat(np.arange(n_good), good_px[0].size)[order_px]
         cum_px = np.concatenate([np.zeros((w.shape[0], 1)), np.cumsum(w[:, owner_neg], axis=1)], axis=1)
         neg_img, neg_px = good_scores[order], flat[order_px]
-        # defect_px is grouped by synthetic image; the offsets of each image's pixels in it.
-        counts = self.synth_masks.reshape(len(self.synth_masks), -1).sum(axis=1)
-        starts = np.r_[0, np.cumsum(counts)]
+        counts, starts = self.defect_counts, self.defect_starts
         per_kind = []
         for idx in self.kind_index.values():
             src = self.sources[idx]
