@@ -91,6 +91,13 @@ class SelectionConfig(_Strict):
     bootstrap: int = Field(
         30, ge=2, le=1000, description="resamples of the validation images for the tie band (tie_break: density)"
     )
+    density_floor: float = Field(
+        0.5,
+        ge=0.0,
+        le=max(DENSITY_WEIGHTS),
+        description="smallest density weight a candidate may have when the density head is fitted (0: every "
+        "weight, RD alone included); a pinned density_weight overrides it",
+    )
     pin: PinConfig = Field(default_factory=PinConfig, description="scoring settings fixed instead of chosen")
 
     @model_validator(mode="after")

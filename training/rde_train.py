@@ -167,6 +167,7 @@ class RDESelection:
             kinds=self.kinds,
             signal=self.cfg.selection.signal,
             tie_break=self.cfg.selection.tie_break,
+            density_floor=self.cfg.selection.density_floor,
             bootstrap=self.cfg.selection.bootstrap,
             seed=self.cfg.seed,
         )

@@ -272,6 +272,7 @@ def fit(
             kinds=kinds,
             signal=cfg.selection.signal,
             tie_break=cfg.selection.tie_break,
+            density_floor=cfg.selection.density_floor,
             bootstrap=cfg.selection.bootstrap,
             seed=cfg.seed,
         )

@@ -18,6 +18,7 @@ import torch
 from training import selection
 from training.backbones import get_spec
 from training.build import load_model
+from training.config import load_train_config
 from training.data import discover
 from training.errors import ConfigError
 from training.features import FeatureSet, feature_set, load_images
@@ -180,6 +181,21 @@ def test_candidates_and_pins() -> None:
     }
     with pytest.raises(ConfigError, match="no candidate recipe matches"):
         candidates(False, {"density_weight": 0.5})
+
+
+def test_density_floor_keeps_rd_heavy_candidates_out_unless_pinned(setup: Setup) -> None:
+    floored = candidates(True, None, 0.5)
+    assert {c.density_weight for c in floored} == {0.5, 0.75} and len(floored) == 24
+    assert candidates(False, None, 0.5) == candidates(False)  # no density head: RD candidates as before
+    assert [c.density_weight for c in candidates(True, {"density_weight": 0.0}, 0.5)] == [0.0] * 12  # a pin wins
+    with pytest.raises(ConfigError, match="density_floor"):
+        candidates(True, None, 0.9)
+    sel = Selector(setup.good, setup.synth, setup.masks, SIZE, SIGMA, setup.stats, setup.density, density_floor=0.5)
+    ev = sel.evaluate(setup.student)
+    assert len(ev.results) == 24 and ev.best.density_weight >= 0.5
+    # the config refuses a floor above the largest weight, naming the field
+    with pytest.raises(ConfigError, match="density_floor"):
+        load_train_config(None, {"selection.density_floor": 0.9})
 
 
 def test_per_kind_signal_is_the_mean_of_each_kinds_aurocs(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
