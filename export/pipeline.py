@@ -487,23 +487,53 @@ def _int8_parts(
 
     fp32_chain = [sessions[p] for p in chain_names]
     feeds = q8.chain_tensors(fp32_chain, quant_images)
-    done: list[q8.QuantizedPart] = []
-    served = dict(sessions)
+    quantized: dict[str, tuple[q8.QuantizedPart, Any]] = {}
     for name in chain_names:
         if name not in q8.INT8_PARTS:
             continue
         part = q8.quantize_part(name, tmp / specs[name].file, tmp / f"{name}.int8.onnx", feeds)
-        if part is None:
-            continue
-        (tmp / specs[name].file).unlink()
-        specs[name] = specs[name].model_copy(update={"file": part.file, "precision": "int8"})
-        served[name] = parity.session(tmp / part.file)
-        done.append(part)
-    if not done:
+        if part is not None:
+            quantized[name] = (part, parity.session(tmp / part.file))
+    if not quantized:
         raise ExportError("--precision int8: no part of this model has weights to quantise")
-    chain = [served[p] for p in chain_names]
-    scores, _ = parity.chain_scores(chain, val_images)
-    par = q8.score_parity(val_scores, scores, threshold, opts.int8_score_frac)
+
+    def chain_with(int8_parts: list[str]) -> list[Any]:
+        return [quantized[p][1] if p in int8_parts else sessions[p] for p in chain_names]
+
+    def parity_of(int8_parts: list[str]) -> Any:
+        scores, _ = parity.chain_scores(chain_with(int8_parts), val_images)
+        return q8.score_parity(val_scores, scores, threshold, opts.int8_score_frac)
+
+    kept = list(quantized)
+    par = parity_of(kept)
+    solo: dict[str, float] | None = None
+    if not par.accepted and len(quantized) > 1:
+        # Per-part sensitivity: each part alone in INT8, then the least sensitive parts added one at a time while
+        # the whole chain still holds the rule. Nothing passes -> every part stays INT8 and the bundle is marked
+        # failed, as before.
+        solo_par = {n: parity_of([n]) for n in quantized}
+        solo = {n: float(sp.max_frac) for n, sp in solo_par.items()}
+        trial_kept: list[str] = []
+        trial_par = None
+        for n in sorted(quantized, key=lambda n: solo_par[n].max_frac):
+            cand = [*trial_kept, n]
+            cand_par = solo_par[n] if len(cand) == 1 else parity_of(cand)
+            if cand_par.accepted:
+                trial_kept, trial_par = cand, cand_par
+        each = ", ".join(f"{n} {100 * f:.2f}%" for n, f in solo.items())
+        log.info("int8 sensitivity (max deviation, %% of the threshold, each part alone): %s; kept INT8: %s",
+                 each, ", ".join(trial_kept) or "none")  # fmt: skip
+        if trial_par is not None:
+            kept, par = trial_kept, trial_par
+    done: list[q8.QuantizedPart] = []
+    for name, (part, _) in quantized.items():
+        if name in kept:
+            (tmp / specs[name].file).unlink()
+            specs[name] = specs[name].model_copy(update={"file": part.file, "precision": "int8"})
+            done.append(part)
+        else:
+            (tmp / part.file).unlink()
+    chain = chain_with(kept)
     log.info(
         "parity int8 chain vs fp32 (n=%d): max |diff| %.3g = %.2f%% of the threshold, p99 %.3g (rule: <= %.2f%%)",
         par.n_images, par.max_abs, 100 * par.max_frac, par.p99_abs, 100 * par.tolerance_frac,
@@ -518,6 +548,9 @@ def _int8_parts(
             f"accepted: max |int8 - fp32| score {par.max_abs:.3g} is {par.max_frac:.2%} of the threshold "
             f"(rule <= {par.tolerance_frac:.2%}) on {par.n_images} validation images"
         )
+        if solo is not None:
+            left = [n for n in quantized if n not in kept]
+            verdict += f"; {', '.join(left)} kept FP32 by the per-part sensitivity search (INT8 there broke the rule)"
     else:
         verdict = (
             f"FAILED the parity rule: max |int8 - fp32| score {par.max_abs:.3g} is {par.max_frac:.2%} of the "
@@ -541,6 +574,7 @@ def _int8_parts(
         auroc_fp32=au32,
         auroc_int8=au8,
         auroc_source=f"{lab_source} (evaluation only, nothing chosen on it)" if au32 is not None else None,
+        part_max_frac=solo,
         accepted=par.accepted,
         verdict=verdict,
     )

@@ -187,6 +187,11 @@ class Int8Spec(_Strict):
     auroc_fp32: float | None = Field(None, description="image AUROC of the FP32 chain on labelled images (information)")
     auroc_int8: float | None = Field(None, description="image AUROC of the INT8 chain on the same images")
     auroc_source: str | None = Field(None, description="which labelled images (evaluation only: nothing chosen)")
+    part_max_frac: dict[str, float] | None = Field(
+        None,
+        description="each quantisable part's max score deviation (fraction of |threshold|) when it alone is INT8: "
+        "the per-part sensitivity search that chose ``parts`` when every part at once failed the rule",
+    )
     accepted: bool = Field(..., description="the parity rule held")
     verdict: str = Field(..., description="the outcome in one sentence")
 
