@@ -9,9 +9,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from runtime.health import LatencyTracker, Watchdog, sd_notify, watchdog_period_s
+from runtime.health import LatencyTracker, Watchdog, percentile_sorted, sd_notify, watchdog_period_s
 
 
 def _recv_all(sock: socket.socket, wait_s: float = 0.2) -> list[str]:
@@ -100,3 +101,11 @@ def test_latency_tracker_percentiles_and_fps() -> None:
     assert tr.count == 200
     # 100 frames kept in the window, at 20 frames/s; over the last 2 s: 40 (+1 at the edge) frames
     assert tr.fps(horizon_s=2.0, now=t0 + 199 * 0.05) == pytest.approx(20.5, abs=0.6)
+
+
+def test_percentile_sorted_matches_numpy_linear() -> None:
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 7, 100, 1000):
+        a = np.sort(rng.exponential(5.0, n))
+        for q in (0, 1, 50, 90, 99, 100):
+            assert percentile_sorted(a, q) == pytest.approx(float(np.percentile(a, q)), rel=1e-12, abs=1e-12)
