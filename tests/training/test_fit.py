@@ -34,7 +34,9 @@ def test_fit_writes_selection_and_the_chosen_recipe(tiny_run: Path) -> None:
     assert sel["steps"] == 6 and [h["step"] for h in sel["history"]] == [3, 6]
     assert sel["paper_recipe"] == PAPER_RECIPE.name()
     cands = sel["candidates"]
-    assert len(cands) == 48 and all({"recipe", "image_auroc", "pixel_auroc", "signal"} <= set(c) for c in cands)
+    # the default density floor (0.5) keeps the density weights 0.5 and 0.75: 2 x 12 candidates
+    assert len(cands) == 24 and all({"recipe", "image_auroc", "pixel_auroc", "signal"} <= set(c) for c in cands)
+    assert all(" dens0.5" in c["recipe"] or " dens0.75" in c["recipe"] for c in cands)
     for c in cands:  # the default signal: the mean over synthetic defect kinds of (image + pixel AUROC) / 2
         per = c["per_kind"]
         assert set(per) <= {"texture", "cutpaste", "scratch", "spot"} and per
