@@ -34,6 +34,7 @@ from training.train import fit
 REPO = Path(__file__).resolve().parents[1]
 ROWS: dict[str, dict[str, Any]] = {
     "rd": {},
+    "rdpp": {"model.projection": "rdpp"},
     "rde-gated": {"model.objective": "rde", "extra.rde.gii": "gated"},
     "rde-ungated": {"model.objective": "rde", "extra.rde.gii": "ungated"},
     "rde-off": {"model.objective": "rde", "extra.rde.gii": "off"},
