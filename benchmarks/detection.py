@@ -78,7 +78,7 @@ def _summary(rows: list[dict[str, Any]], tag: str, overrides: dict[str, Any]) ->
         best = [max((p[i] for p in peer.values() if p[i] is not None), default=None) for i in (0, 2, 3)]
         best_s = " / ".join("n/a" if b is None else f"{b:.3f}" for b in best)
         train = f"{np.mean([r['train_s'] for r in rs]):.0f} ({rs[0]['steps']})"
-        recipes = "; ".join(sorted({r["recipe"] for r in rs}))
+        recipes = "; ".join(sorted({(f"{r['student']}: " if r.get("student") else "") + r["recipe"] for r in rs}))
         lines.append(f"| {name} | {size} | {len(rs)} | " + " | ".join(cells) + f" | {train} | {best_s} | {recipes} |")
     return "\n".join(lines) + "\n"
 
@@ -125,7 +125,10 @@ def main() -> int:
                     "best_step": sel["best_step"],
                     "signal": sel["best_signal"],
                     "steps": sel["steps"],
-                    "train_s": sel["train_s"],
+                    # auto: both students' training (selection.json's own train_s is the winner's alone)
+                    "train_s": sel.get("projection", {}).get("total_train_s", sel["train_s"]),
+                    "student": sel.get("projection", {}).get("chosen"),
+                    "students": sel.get("projection", {}).get("candidates"),
                     "cache_s": sel["cache_s"],
                     "wall_s": wall,
                     "images_per_s": float(np.mean([r["images_per_s"] for r in log])),

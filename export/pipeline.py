@@ -226,6 +226,17 @@ def int8_calibration_images(ckpt: dict[str, Any], calib: CalibrationSet, n: int)
     return [pool[i] for i in idx], f"{len(idx)} of the {len(pool)} {what}, spread evenly over the list"
 
 
+def _student_choice(record: dict[str, Any] | None) -> dict[str, str]:
+    """Manifest lines for a run that chose its student (``model.projection: auto``); empty for a pinned one."""
+    if not record:
+        return {}
+    signals = ", ".join(
+        f"{name} {row['best_signal']:.4f}" if row.get("best_signal") is not None else f"{name} n/a"
+        for name, row in record["candidates"].items()
+    )
+    return {"student.chosen": str(record["chosen"]), "student.signals": signals, "student.rule": str(record["rule"])}
+
+
 def _torch_scores(model: Any, scoring: Any, images: np.ndarray, batch: int = 8) -> np.ndarray:
     return np.concatenate(
         [_torch_chain(model, scoring, images[i : i + batch])["score"] for i in range(0, len(images), batch)]
@@ -363,6 +374,7 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
             else "fixed: the RD paper's scoring (no validation split)",
             **({"scoring.signal": float(scoring.info["signal"])} if "signal" in scoring.info else {}),
             **({"scoring.candidates": len(scoring.info["candidates"])} if "candidates" in scoring.info else {}),
+            **_student_choice(scoring.info.get("projection")),
             "parity_tolerance_part_rel": opts.parity_tol,
             "parity_tolerance_score_rel": opts.score_tol,
         }

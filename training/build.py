@@ -11,13 +11,18 @@ from torch import nn
 from training.backbones import build_teacher, get_spec
 from training.checkpoint import load_checkpoint
 from training.config import TrainConfig, parse_train_config
-from training.errors import CheckpointError
+from training.errors import CheckpointError, ConfigError
 from training.model import IdentityProjection, ReverseDistillation
 
 
 def build_projection(cfg: TrainConfig) -> nn.Module:
     """The projection stage between teacher and OCBE for ``cfg.model.projection``."""
     kind = cfg.model.projection
+    if kind == "auto":
+        raise ConfigError(
+            "model.projection 'auto' names a choice among students, not one model: train it with fit(), or build "
+            "from the chosen run's checkpoint config"
+        )
     if kind == "identity":
         return IdentityProjection()
     from training import projection as proj  # trained projections (SimCLR-aligned heads, RD++)

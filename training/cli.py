@@ -39,11 +39,13 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--backbone", help=f"teacher: {_BACKBONES}")
     p.add_argument("--teacher-weights", type=Path, help="local teacher state_dict for offline boxes")
     p.add_argument(
-        "--steps", type=int, help="optimiser steps (default 1000: about 4 min at 128 px for 200 images on 2 CPU cores)"
+        "--steps",
+        type=int,
+        help="optimiser steps per student (default 500; RD + RD++ at 128 px, 200 images: about 2 min on 2 CPU cores)",
     )
     p.add_argument("--epochs", type=int, help="passes over the training images instead of --steps")
     p.add_argument("--image-size", type=int, help="square input side, multiple of 32 (default 256)")
-    p.add_argument("--batch-size", type=int, help="images per step (default 16)")
+    p.add_argument("--batch-size", type=int, help="images per step (default 8)")
     p.add_argument("--max-images", type=int, help="use at most N train/good images, chosen evenly (default all)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 0.005)")
     p.add_argument("--max-minutes", type=float, help="stop at the first evaluation past this wall time")
@@ -58,7 +60,12 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--device", choices=["cpu", "cuda"], help="cpu or cuda (default cpu)")
     p.add_argument("--seed", type=int, help="seed for split, init and shuffling (default 0)")
     p.add_argument("--aux", type=Path, help="SimCLR run folder ('rdedge pretrain'): train with the auxiliary backbone")
-    p.add_argument("--projection", choices=["identity", "aux", "rdpp"], help="projection stage (default identity)")
+    p.add_argument(
+        "--projection",
+        choices=["auto", "identity", "aux", "rdpp"],
+        help="student: auto (default: train plain RD and RD++, keep the one the validation signal rates higher), "
+        "identity (plain RD only), rdpp (RD++ only), aux (SimCLR-aligned, set by --aux)",
+    )
     p.add_argument(
         "--objective",
         choices=["rd", "rde"],
@@ -195,7 +202,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "progress bar shows images/s). 10% of train/good is kept aside: every 100 steps it and synthetic defects "
         "made from it (texture, cut-paste, scratch, spot) score every candidate scoring recipe; the best "
         "(checkpoint, recipe) is checkpoint_best.pt, and selection.json records the signal, the candidates and the "
-        "choice. The same images set the threshold at export. The test set is never used. --objective rde trains "
+        "choice. By default two students train this way, plain RD and RD++ (candidates/identity, candidates/rdpp), "
+        "and the one with the higher signal becomes the run's checkpoint (--projection pins one). The same images "
+        "set the threshold at export. The test set is never used. --objective rde trains "
         "RD-E instead (no feature cache: a frozen expert, a tuned teacher and the student every step; selected by the "
         "same signal, exported as the same five parts).",
     )

@@ -35,8 +35,10 @@ class ModelConfig(_Strict):
     backbone: str = Field("efficientnet_lite0", description="teacher: wide_resnet50_2 | resnet18 | efficientnet_lite0")
     teacher_weights: str | None = Field(None, description="local teacher state_dict (offline boxes)")
     pretrained: bool = Field(True, description="ImageNet teacher weights (False only for tests)")
-    projection: Literal["identity", "aux", "rdpp"] = Field(
-        "identity", description="identity (plain RD) | aux (SimCLR-aligned heads) | rdpp (RD++ projection)"
+    projection: Literal["auto", "identity", "aux", "rdpp"] = Field(
+        "auto",
+        description="auto (train plain RD and RD++, keep the one the validation signal rates higher) | identity "
+        "(plain RD) | aux (SimCLR-aligned heads) | rdpp (RD++ projection)",
     )
     objective: Literal["rd", "rde"] = Field(
         "rd", description="rd (frozen teacher, student on cached features) | rde (RD-E: expert, tuned teacher, GII)"
@@ -46,12 +48,18 @@ class ModelConfig(_Strict):
         None, description="decoder stage outputs without ReLU (default: when the teacher's features are signed)"
     )
 
+    @model_validator(mode="after")
+    def _auto_is_rd_only(self) -> ModelConfig:
+        if self.objective == "rde" and self.projection == "auto":
+            self.projection = "identity"  # RD-E has its own student; 'auto' chooses among RD students only
+        return self
+
 
 class OptimConfig(_Strict):
     lr: float = Field(0.005, gt=0, description="Adam learning rate (RD: 0.005)")
     betas: tuple[float, float] = Field((0.5, 0.999), description="Adam betas (RD: 0.5, 0.999)")
-    batch_size: int = Field(16, ge=1, description="images per step")
-    steps: int = Field(1000, ge=1, description="optimiser steps (ignored when epochs is set)")
+    batch_size: int = Field(8, ge=1, description="images per step")
+    steps: int = Field(500, ge=1, description="optimiser steps (ignored when epochs is set)")
     epochs: int | None = Field(None, ge=1, description="passes over train/good; overrides steps when set")
     max_minutes: float | None = Field(None, gt=0, description="stop after this wall time (at the next evaluation)")
 

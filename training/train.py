@@ -192,6 +192,8 @@ def fit(
     resume: bool = False,
     aux_dir: str | Path | None = None,
     show_progress: bool = True,
+    label: str | None = None,
+    keep_group: bool = False,
 ) -> Path:
     """Train RD on the good images of ``data`` and write checkpoints, ``log.jsonl`` and ``selection.json``.
 
@@ -200,9 +202,19 @@ def fit(
     scores the held-out good images and synthetic defects made from them under every candidate scoring recipe; the
     best (checkpoint, recipe) is ``checkpoint_best.pt`` with the recipe under ``"scoring"``.
 
+    ``model.projection: auto`` (the default) trains plain RD and RD++ this way and keeps the one with the higher
+    signal (:mod:`training.candidates`); ``label`` names the candidate in the progress bar, and ``keep_group`` leaves
+    a torchrun process group up for the next candidate (a group re-created in the same processes can hang).
+
     Returns:
         Path of the best checkpoint (the last one if there is no validation split).
     """
+    if cfg.model.projection == "auto" and cfg.model.objective == "rd":
+        if aux_dir is not None:
+            raise ConfigError("--aux needs model.projection 'aux' (set automatically by 'rdedge train --aux')")
+        from training.candidates import fit_auto
+
+        return fit_auto(cfg, data, out_dir, resume=resume, show_progress=show_progress)
     if cfg.model.objective == "rde":  # the teacher trains: no feature cache, its own loop
         from training.rde_train import fit_rde
 
@@ -308,9 +320,10 @@ def fit(
         (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
         n_params = sum(p.numel() for p in student.parameters() if p.requires_grad)
         log.info(
-            "training %s RD on %d images (%d validation, %d skipped), %dx%d, batch %d, %d steps (%d a pass), "
-            "%.2f M trainable parameters, device %s; cache built in %.1f s",
+            "training %s RD (%s projection) on %d images (%d validation, %d skipped), %dx%d, batch %d, %d steps "
+            "(%d a pass), %.2f M trainable parameters, device %s; cache built in %.1f s",
             cfg.model.backbone,
+            cfg.model.projection,
             n_train,
             len(val_samples),
             len(skipped),
@@ -343,7 +356,13 @@ def fit(
     sums: dict[str, float] = {}
     n_seen, t_window = 0, time.perf_counter()
     last_eval: dict[str, Any] = {}
-    bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", disable=not progress)
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc=f"training {label}" if label else "training",
+        unit="step",
+        disable=not progress,
+    )
     step = start_step
     epoch, batches = -1, []
     student.train()
@@ -428,7 +447,8 @@ def fit(
     bar.close()
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if not keep_group:
+            dist.destroy_process_group()
     if dinfo.is_main and not (out / BEST).is_file() and (out / LAST).is_file():
         import shutil
 

@@ -36,6 +36,7 @@ def build_tiny_run(base: Path, density: bool = False) -> tuple[Path, Path]:
             make_demo_data(data, n_train=16, n_test_good=4, n_test_defect=2, size=IMAGE_SIZE, seed=0)
         overrides = {
             "model.backbone": "efficientnet_lite0",
+            "model.projection": "identity",  # the plain five-part chain; the default's choice: test_candidates.py
             "optim.epochs": 1,
             "optim.batch_size": 8,
             "data.image_size": IMAGE_SIZE,

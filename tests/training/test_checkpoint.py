@@ -38,12 +38,17 @@ def test_checkpoint_is_a_plain_dict_with_config_and_seed(tiny_run: Path) -> None
     assert all(isinstance(v, torch.Tensor) for v in ckpt["model"].values())
     assert ckpt["aux"] is None
     assert ckpt["split"]["val"], "the validation file list is kept for threshold calibration"
-    log = [json.loads(x) for x in (tiny_run / "log.jsonl").read_text().splitlines()]
+    # The default trains plain RD and RD++; the run's checkpoint is the winner's, with its concrete projection.
+    chosen = json.loads((tiny_run / "selection.json").read_text())["projection"]["chosen"]
+    assert ckpt["config"]["model"]["projection"] == chosen in ("identity", "rdpp")
+    tagged = [json.loads(x) for x in (tiny_run / "log.jsonl").read_text().splitlines()]
+    assert [r["projection"] for r in tagged] == ["identity"] * 2 + ["rdpp"] * 2
+    log = [r for r in tagged if r["projection"] == chosen]
     assert [r["step"] for r in log] == [3, 6] and all("val_loss" in r and "images_per_s" in r for r in log)
     assert all(0.0 <= r["signal"] <= 1.0 and r["recipe"] for r in log)
     assert ckpt["step"] == ckpt["best_step"] in (3, 6) and ckpt["best_signal"] == max(r["signal"] for r in log)
     assert ckpt["scoring"]["recipe"] and [h["step"] for h in ckpt["history"]] == [3, 6][: len(ckpt["history"])]
-    last = torch.load(tiny_run / LAST, map_location="cpu", weights_only=True)
+    last = torch.load(tiny_run / "candidates" / chosen / LAST, map_location="cpu", weights_only=True)
     assert last["step"] == 6 and last["scoring"] is None and [h["step"] for h in last["history"]] == [3, 6]
 
 
@@ -74,7 +79,7 @@ def test_wrong_architecture_is_refused(tiny_run: Path, tmp_path: Path) -> None:
 
 
 def test_resume_continues_from_the_saved_step_and_refuses_a_changed_model(demo_category: Path, tmp_path: Path) -> None:
-    base = {**FAST, "selection.every_steps": 2, "selection.density": False}
+    base = {**FAST, "selection.every_steps": 2, "selection.density": False, "model.projection": "identity"}
     fit(load_train_config(None, {**base, "optim.steps": 4}), demo_category, tmp_path / "a", show_progress=False)
     assert load_checkpoint(tmp_path / "a" / LAST)["step"] == 4
     changed = load_train_config(None, {**base, "optim.steps": 8, "data.image_size": 96})
@@ -95,6 +100,6 @@ def test_resume_continues_from_the_saved_step_and_refuses_a_changed_model(demo_c
 
 
 def test_resume_without_a_checkpoint_is_an_error(demo_category: Path, tmp_path: Path) -> None:
-    cfg = load_train_config(None, {**FAST, "optim.steps": 2})
+    cfg = load_train_config(None, {**FAST, "optim.steps": 2, "model.projection": "identity"})
     with pytest.raises(CheckpointError, match="no checkpoint_last.pt"):
         fit(cfg, demo_category, tmp_path, resume=True, show_progress=False)

@@ -28,7 +28,10 @@ def test_bad_value_names_field_and_value(tmp_path: Path) -> None:
 
 def test_defaults_follow_the_paper_and_overrides_win(tmp_path: Path) -> None:
     cfg = load_train_config(None)
-    assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.batch_size, cfg.data.image_size) == (0.005, (0.5, 0.999), 16, 256)
+    assert (cfg.optim.lr, cfg.optim.betas, cfg.data.image_size) == (0.005, (0.5, 0.999), 256)
+    # The budget of each student (RD and RD++ both train by default): batch 8, 500 steps.
+    assert (cfg.optim.batch_size, cfg.optim.steps, cfg.model.projection) == (8, 500, "auto")
+    assert load_train_config(None, {"model.objective": "rde"}).model.projection == "identity"
     f = tmp_path / "c.yaml"
     f.write_text("optim:\n  epochs: 5\n")
     cfg = load_train_config(f, {"optim.epochs": 2, "model.backbone": "resnet18", "seed": None})

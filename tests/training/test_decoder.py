@@ -15,7 +15,9 @@ from training.model import OCBE, Decoder
 
 def _model(backbone: str, signed: bool | None = None) -> nn.Module:
     model = {"backbone": backbone, "pretrained": False, "signed_decoder": signed}
-    return build_model(parse_train_config({"data": {"image_size": 64}, "model": model})).eval()
+    return build_model(
+        parse_train_config({"data": {"image_size": 64}, "model": {"projection": "identity", **model}})
+    ).eval()
 
 
 def _decode(model: nn.Module) -> list[torch.Tensor]:

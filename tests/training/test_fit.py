@@ -20,7 +20,7 @@ from training.scoring import PAPER_RECIPE, ScoreRecipe
 from training.train import fit
 
 #: a fit with no density head: the cheapest full run (12 candidates)
-PLAIN = {**FAST, "selection.density": False}
+PLAIN = {**FAST, "selection.density": False, "model.projection": "identity"}  # one student, no density head
 
 
 def _copy_best(run: Path, dst: Path) -> Path:
