@@ -2,9 +2,10 @@
 
 ``model.projection: auto`` (the default) trains one student per entry of :data:`AUTO_PROJECTIONS`, each into its
 own folder ``RUN/candidates/<projection>/`` with the same config otherwise (same images, split, synthetic defects,
-seed and budget), and copies the winner to ``RUN``: ``checkpoint_best.pt`` (its config names the concrete
-projection, so export and evaluation need nothing new), ``selection.json`` and ``split.json``; ``log.jsonl`` holds
-every candidate's evaluations, each tagged with its projection.
+seed and budget; what no student changes is made once by :func:`training.train.prepare` and shared), and copies
+the winner to ``RUN``: ``checkpoint_best.pt`` (its config names the concrete projection, so export and evaluation
+need nothing new), ``selection.json`` and ``split.json``; ``log.jsonl`` holds every candidate's evaluations, each
+tagged with its projection.
 
 **Why these two.** On the shared sets the validation signal could not see kolektorsdd's over-generalisation within
 one student, but the RD++ student (projection layers trained against simplex-noise pseudo-anomalies) tested higher
@@ -62,21 +63,27 @@ def fit_auto(
     Returns:
         ``out_dir/checkpoint_best.pt`` (the winner's).
     """
-    from training.data import discover
-    from training.train import fit
+    from training.backbones import build_teacher
+    from training.train import fit, init_distributed, prepare, resolve_device
 
     out = Path(out_dir)
     if resume and not any((out / CANDIDATES_DIR / p / LAST).is_file() for p in AUTO_PROJECTIONS):
         raise CheckpointError(f"--resume: no {CANDIDATES_DIR}/<student>/{LAST} in {out}")
     out.mkdir(parents=True, exist_ok=True)
+    # What no student changes (decoded images, teacher features, density head, synthetic defects) is made once.
+    device = resolve_device(cfg, init_distributed(cfg.device))
+    m = cfg.model
+    teacher = build_teacher(m.backbone, m.teacher_weights, m.pretrained).to(device)
+    t0 = time.perf_counter()
+    frozen = prepare(cfg, data, teacher, device, out / "cache", show_progress and _is_main())
+    del teacher
     # Every rank decides the same way, before training: without a validation split there is no signal to choose
     # by, so only plain RD trains.
-    has_val = bool(discover(data, cfg.data.val_fraction, cfg.seed, max_images=cfg.data.max_images).val)
+    has_val = bool(frozen.splits.val)
     projections = AUTO_PROJECTIONS if has_val else AUTO_PROJECTIONS[:1]
     if not has_val:
         log.info("no validation split: training %s only (no signal to choose a student by)", LABELS[projections[0]])
     rows: dict[str, dict[str, Any]] = {}
-    t0 = time.perf_counter()
     for i, proj in enumerate(projections):
         sub = out / CANDIDATES_DIR / proj
         sub_cfg = cfg.model_copy(deep=True)
@@ -84,7 +91,16 @@ def fit_auto(
         log.info("student candidate %s (%s): %s", LABELS[proj], proj, sub)
         last = i == len(projections) - 1
         sub_resume = resume and (sub / LAST).is_file()
-        fit(sub_cfg, data, sub, resume=sub_resume, show_progress=show_progress, label=proj, keep_group=not last)
+        fit(
+            sub_cfg,
+            data,
+            sub,
+            resume=sub_resume,
+            show_progress=show_progress,
+            label=proj,
+            keep_group=not last,
+            frozen=frozen,
+        )
         if not _is_main():
             continue
         sel = json.loads((sub / "selection.json").read_text())
@@ -130,14 +146,11 @@ def _recipe_name(sel: dict[str, Any]) -> str | None:
 
 def _choose(rows: dict[str, dict[str, Any]]) -> str:
     """The projection with the highest best signal (the first on an exact tie; ``None`` signals rank last)."""
-    order = list(rows)
-    return max(
-        order,
-        key=lambda p: (
-            rows[p]["best_signal"] if rows[p]["best_signal"] is not None else float("-inf"),
-            -order.index(p),
-        ),
-    )
+    best, best_signal = next(iter(rows)), float("-inf")
+    for proj, row in rows.items():
+        if row["best_signal"] is not None and row["best_signal"] > best_signal:  # strictly: a tie keeps the first
+            best, best_signal = proj, row["best_signal"]
+    return best
 
 
 def _promote(out: Path, winner: Path, record: dict[str, Any]) -> None:
@@ -145,7 +158,6 @@ def _promote(out: Path, winner: Path, record: dict[str, Any]) -> None:
     ckpt = load_checkpoint(winner / BEST)
     if ckpt.get("scoring"):
         ckpt["scoring"].setdefault("info", {})["projection"] = record
-    ckpt.pop("format", None), ckpt.pop("version", None)
     save_checkpoint(out / BEST, ckpt)
     sel = json.loads((winner / "selection.json").read_text())
     sel["projection"] = record

@@ -17,7 +17,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +32,11 @@ from training.errors import CheckpointError, ConfigError
 from training.features import FeatureSet
 from training.loss import flattened_cosine_loss
 from training.model import ReverseDistillation
+
+if TYPE_CHECKING:
+    from training.data import Sample, Splits
+    from training.scoring import ChannelStats, DensityHead
+    from training.selection import Selector
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +102,7 @@ class Objective:
 
 def build_objective(cfg: TrainConfig, model: ReverseDistillation, aux_dir: str | Path | None) -> Objective:
     """The objective for ``cfg.model.projection`` (plain RD, SimCLR-auxiliary alignment or RD++)."""
-    if cfg.model.projection == "identity":
-        if aux_dir is not None:
-            raise ConfigError("--aux needs model.projection 'aux' (set automatically by 'rdedge train --aux')")
+    if cfg.model.projection == "identity":  # fit() refused an --aux for it already
         return Objective()
     from training import objectives
 
@@ -185,100 +188,90 @@ def _batches(n: int, batch: int, seed: int, epoch: int, rank: int, world: int) -
     return [perm[i : i + batch] for i in range(0, stop, batch)]
 
 
-def fit(
-    cfg: TrainConfig,
-    data: str | Path,
-    out_dir: str | Path,
-    resume: bool = False,
-    aux_dir: str | Path | None = None,
-    show_progress: bool = True,
-    label: str | None = None,
-    keep_group: bool = False,
-) -> Path:
-    """Train RD on the good images of ``data`` and write checkpoints, ``log.jsonl`` and ``selection.json``.
+@dataclass
+class Frozen:
+    """Everything a run computes before training that no student changes: the split, the decoded images' teacher
+    features, channel statistics, the density head and the selector (validation images + synthetic defects).
 
-    Images are decoded and the frozen teacher run once (:mod:`training.features`); each step trains the OCBE and
-    decoder on cached features. Every ``selection.every_steps`` the validation signal (:mod:`training.selection`)
-    scores the held-out good images and synthetic defects made from them under every candidate scoring recipe; the
-    best (checkpoint, recipe) is ``checkpoint_best.pt`` with the recipe under ``"scoring"``.
-
-    ``model.projection: auto`` (the default) trains plain RD and RD++ this way and keeps the one with the higher
-    signal (:mod:`training.candidates`); ``label`` names the candidate in the progress bar, and ``keep_group`` leaves
-    a torchrun process group up for the next candidate (a group re-created in the same processes can hang).
-
-    Returns:
-        Path of the best checkpoint (the last one if there is no validation split).
+    :func:`prepare` makes it; :mod:`training.candidates` makes it once and trains every student on it.
     """
-    if cfg.model.projection == "auto" and cfg.model.objective == "rd":
-        if aux_dir is not None:
-            raise ConfigError("--aux needs model.projection 'aux' (set automatically by 'rdedge train --aux')")
-        from training.candidates import fit_auto
 
-        return fit_auto(cfg, data, out_dir, resume=resume, show_progress=show_progress)
-    if cfg.model.objective == "rde":  # the teacher trains: no feature cache, its own loop
-        from training.rde_train import fit_rde
+    splits: Splits
+    train_fs: FeatureSet
+    train_samples: list[Sample]
+    skipped: list[Any]
+    stats: ChannelStats
+    density: DensityHead | None = None
+    good_fs: FeatureSet | None = None
+    selector: Selector | None = None
+    val_samples: list[Sample] = field(default_factory=list)
+    cache_s: float = 0.0
 
-        return fit_rde(cfg, data, out_dir, resume=resume, show_progress=show_progress)
-    from tqdm import tqdm
 
-    from training.backbones import get_spec
-    from training.features import feature_set, load_readable
-    from training.scoring import PAPER_RECIPE, ChannelStats, DensityHead, scoring_state
-    from training.selection import Selector
-    from training.synthetic import synthesize
-
-    dinfo = init_distributed(cfg.device)
-    if not dinfo.is_main:
-        logging.getLogger("training").setLevel(logging.WARNING)  # rank 0 logs for everyone
+def resolve_device(cfg: TrainConfig, dinfo: DistInfo) -> torch.device:
+    """``cfg.device`` on this rank (``cuda:LOCAL_RANK``); ConfigError when CUDA is asked for and absent."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: 'cuda' requested but no CUDA device is available; use --device cpu")
-    device = torch.device("cuda", dinfo.local_rank) if cfg.device == "cuda" else torch.device("cpu")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    progress = show_progress and dinfo.is_main
+    return torch.device("cuda", dinfo.local_rank) if cfg.device == "cuda" else torch.device("cpu")
+
+
+def prepare(
+    cfg: TrainConfig, data: str | Path, teacher: nn.Module, device: torch.device, cache_dir: Path, progress: bool
+) -> Frozen:
+    """Decode the images once, run the frozen teacher once, fit what is fitted without training, build the selector.
+
+    Args:
+        cfg: the run's config (data, selection and the teacher's name are read).
+        data: the category folder.
+        teacher: the frozen teacher, on ``device``.
+        device: where features are computed.
+        cache_dir: memmap files go here past ``data.cache_limit_mb``.
+        progress: progress bars.
+    """
+    from training.backbones import get_spec
+    from training.features import feature_set, load_readable
+    from training.scoring import ChannelStats, DensityHead
+    from training.selection import Selector
+    from training.synthetic import synthesize
 
     splits = discover(data, cfg.data.val_fraction, cfg.seed, max_images=cfg.data.max_images)
     size = (cfg.data.image_size, cfg.data.image_size)
     spec = get_spec(cfg.model.backbone)
-    model = build_model(cfg).to(device)
     mean, std = spec.mean, spec.std
     t_cache = time.perf_counter()
     train_np, train_samples, skipped = load_readable(
         splits.train, size, mean, std, show_progress=progress, desc="decoding train"
     )
     train_fs = feature_set(
-        model.teacher,
+        teacher,
         train_np,
         device,
-        cache_dir=out / "cache",
+        cache_dir=cache_dir,
         limit_mb=cfg.data.cache_limit_mb,
         show_progress=progress,
     )
     del train_np
     stats = ChannelStats(spec.channels).fit(train_fs.feats)
-    selector: Selector | None = None
-    density: DensityHead | None = None
-    good_fs = None
-    val_samples: list[Any] = []
+    frozen = Frozen(splits, train_fs, train_samples, skipped, stats)
     if splits.val:
         if cfg.selection.density:
-            density = DensityHead(spec.channels, size, cfg.selection.density_dims).fit(train_fs.feats)
-        val_np, val_samples, _ = load_readable(splits.val, size, mean, std, desc="decoding validation")
+            frozen.density = DensityHead(spec.channels, size, cfg.selection.density_dims).fit(train_fs.feats)
+        val_np, frozen.val_samples, _ = load_readable(splits.val, size, mean, std, desc="decoding validation")
         synth01, synth_masks, kinds = synthesize(
             to_unit_rgb(val_np, mean, std), cfg.selection.synthetic_per_image, cfg.seed
         )
-        good_fs = feature_set(model.teacher, val_np, device)
-        synth_fs = feature_set(model.teacher, from_unit_rgb(synth01, mean, std), device)
+        good_fs = feature_set(teacher, val_np, device)
+        synth_fs = feature_set(teacher, from_unit_rgb(synth01, mean, std), device)
         pin = cfg.selection.pin.model_dump()
-        selector = Selector(
+        frozen.good_fs = good_fs
+        frozen.selector = Selector(
             good_fs,
             synth_fs,
             synth_masks,
             size,
             cfg.model.sigma,
             stats,
-            density,
+            frozen.density,
             pin,
             pixel_stride=max(1, cfg.data.image_size // 128),
             kinds=kinds,
@@ -293,9 +286,72 @@ def fit(
             len(good_fs),
             len(synth_fs),
             ", ".join(f"{k} {kinds.count(k)}" for k in sorted(set(kinds))),
-            len(selector.cands),
+            len(frozen.selector.cands),
         )
-    cache_s = time.perf_counter() - t_cache
+    frozen.cache_s = time.perf_counter() - t_cache
+    return frozen
+
+
+def fit(
+    cfg: TrainConfig,
+    data: str | Path,
+    out_dir: str | Path,
+    resume: bool = False,
+    aux_dir: str | Path | None = None,
+    show_progress: bool = True,
+    label: str | None = None,
+    keep_group: bool = False,
+    frozen: Frozen | None = None,
+) -> Path:
+    """Train RD on the good images of ``data`` and write checkpoints, ``log.jsonl`` and ``selection.json``.
+
+    Images are decoded and the frozen teacher run once (:mod:`training.features`); each step trains the OCBE and
+    decoder on cached features. Every ``selection.every_steps`` the validation signal (:mod:`training.selection`)
+    scores the held-out good images and synthetic defects made from them under every candidate scoring recipe; the
+    best (checkpoint, recipe) is ``checkpoint_best.pt`` with the recipe under ``"scoring"``.
+
+    ``model.projection: auto`` (the default) trains plain RD and RD++ this way and keeps the one with the higher
+    signal (:mod:`training.candidates`); ``label`` names the candidate in the progress bar, ``keep_group`` leaves a
+    torchrun process group up for the next candidate (a group re-created in the same processes can hang), and
+    ``frozen`` is the :func:`prepare` result the candidates share (``None``: prepared here).
+
+    Returns:
+        Path of the best checkpoint (the last one if there is no validation split).
+    """
+    if aux_dir is not None and cfg.model.projection in ("auto", "identity"):
+        raise ConfigError("--aux needs model.projection 'aux' (set automatically by 'rdedge train --aux')")
+    if cfg.model.projection == "auto":  # RD-E never gets here: its config resolves 'auto' to 'identity'
+        from training.candidates import fit_auto
+
+        return fit_auto(cfg, data, out_dir, resume=resume, show_progress=show_progress)
+    if cfg.model.objective == "rde":  # the teacher trains: no feature cache, its own loop
+        from training.rde_train import fit_rde
+
+        return fit_rde(cfg, data, out_dir, resume=resume, show_progress=show_progress)
+    from tqdm import tqdm
+
+    from training.scoring import PAPER_RECIPE, scoring_state
+
+    dinfo = init_distributed(cfg.device)
+    if not dinfo.is_main:
+        logging.getLogger("training").setLevel(logging.WARNING)  # rank 0 logs for everyone
+    device = resolve_device(cfg, dinfo)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    progress = show_progress and dinfo.is_main
+
+    size = (cfg.data.image_size, cfg.data.image_size)
+    model = build_model(cfg).to(device)
+    if frozen is None:
+        frozen = prepare(cfg, data, model.teacher, device, out / "cache", progress)
+    train_fs, stats, density, good_fs, selector = (
+        frozen.train_fs,
+        frozen.stats,
+        frozen.density,
+        frozen.good_fs,
+        frozen.selector,
+    )
 
     objective = build_objective(cfg, model, aux_dir)
     optimizers = objective.parameters_groups(model, cfg)
@@ -314,7 +370,10 @@ def fit(
         objective.load_state_dict(rs.aux)
     start_step, best_signal, best_step, history = rs.step, rs.best_signal, rs.best_step, rs.history
 
-    split_record = {"train": [str(s.path) for s in train_samples], "val": [str(s.path) for s in splits.val]}
+    split_record = {
+        "train": [str(s.path) for s in frozen.train_samples],
+        "val": [str(s.path) for s in frozen.splits.val],
+    }
     if dinfo.is_main:
         (out / "split.json").write_text(json.dumps(split_record, indent=1))
         (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
@@ -325,15 +384,15 @@ def fit(
             cfg.model.backbone,
             cfg.model.projection,
             n_train,
-            len(val_samples),
-            len(skipped),
+            len(frozen.val_samples),
+            len(frozen.skipped),
             *size,
             cfg.optim.batch_size,
             total_steps,
             per_epoch,
             n_params / 1e6,
             device,
-            cache_s,
+            frozen.cache_s,
         )
 
     def payload(step: int, scoring: dict[str, Any] | None) -> dict[str, Any]:
@@ -460,7 +519,7 @@ def fit(
             "best_signal": best_signal if math.isfinite(best_signal) else None,
             "steps": step,
             "train_s": train_s,
-            "cache_s": cache_s,
+            "cache_s": frozen.cache_s,
             "history": history,
             "paper_recipe": PAPER_RECIPE.name(),
         }
@@ -474,7 +533,7 @@ def fit(
         log.info(
             "done in %.0f s (+%.0f s cache): best signal %.4f at step %d -> %s",
             train_s,
-            cache_s,
+            frozen.cache_s,
             best_signal,
             best_step,
             out / BEST,
