@@ -199,6 +199,11 @@ def main() -> int:
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--max-minutes", type=float, default=None, help="stop starting new draws after this")
     ap.add_argument("--merge", action="store_true", help="keep other datasets' rows of an existing few_shot.json")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep every row of an existing few_shot.json and run only the (dataset, k, draw) not in it yet",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a crowded box)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -209,18 +214,25 @@ def main() -> int:
     previous = args.results / "few_shot.json"
     if args.merge and previous.is_file():  # other datasets' draws from an earlier invocation
         rows = [r for r in json.loads(previous.read_text())["rows"] if r["dataset"] not in args.names]
+    if args.resume and previous.is_file():  # every earlier draw; only the missing ones run
+        rows = json.loads(previous.read_text())["rows"]
+    done = {(r["dataset"], r["k"], r["seed"]) for r in rows if r.get("k") != "all"}
     stopped = False
     for name in args.names:
         root = args.datasets / name
         ts = test_set(root)
         if name in full:
+            rows = [r for r in rows if not (r["dataset"] == name and r.get("k") == "all")]
             rows.append(full_row(name, Path(full[name]), root, ts))
         for seed in range(args.draws):  # draw-major: a time cap still leaves every k with the same draws
             for k in args.ks:
                 if args.max_minutes is not None and time.time() - t_start > 60 * args.max_minutes:
                     stopped = True
                     break
+                if (name, k, seed) in done:
+                    continue
                 rows.extend(one_draw(name, root, ts, k, seed, args.negatives, args.steps))
+                write(args, rows, t_start, stopped)  # a killed run keeps every finished draw
             if stopped:
                 break
         write(args, rows, t_start, stopped)

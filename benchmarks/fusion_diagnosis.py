@@ -180,7 +180,7 @@ def feats_of(teacher, samples, size, spec, masks):
 
 
 def density_main(data, size_px, out):
-    cfg = load_train_config(None, {"data.image_size": size_px})
+    cfg = load_train_config(None, {"data.image_size": size_px, "model.projection": "identity"})
     model = build_model(cfg).eval()
     spec = get_spec(cfg.model.backbone)
     size = (size_px, size_px)
