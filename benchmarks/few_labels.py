@@ -113,7 +113,7 @@ def draw(y: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def run_dataset(ds: dict[str, Any], fracs: list[float], draws: int, cnn_draws: int, cnn_epochs: int) -> list[dict]:
-    from export.label_tune import fit_classifier
+    from export.label_tune import feature_sets, fit_classifier
     from training.supervised import SupervisedOptions, fit_supervised, predict_proba
 
     rows = []
@@ -127,17 +127,18 @@ def run_dataset(ds: dict[str, Any], fracs: list[float], draws: int, cnn_draws: i
             rows.append({**base, "method": "score@bundle", **metrics(y[rest], s[rest] >= ds["threshold"], s[rest])})
             t = f1_threshold(s[lab], y[lab])
             rows.append({**base, "method": "score@labelled-f1", **metrics(y[rest], s[rest] >= t, s[rest])})
-            for method, cols in (
-                ("classifier", slice(None)),
-                ("classifier (embedding only)", emb),
-                ("classifier (map stats only)", slice(x.shape[1] - STAT_DIMS, None)),
+            for method, cols, sets in (
+                ("classifier", slice(None), feature_sets(x.shape[1])),  # what label-tune fits
+                ("classifier (embedding + map stats, no set choice)", slice(None), None),
+                ("classifier (embedding only)", emb, None),
+                ("classifier (map stats only)", slice(x.shape[1] - STAT_DIMS, None), None),
             ):
                 t0 = time.perf_counter()
-                clf = fit_classifier(x[lab][:, cols], y[lab], "auto", seed)
+                clf = fit_classifier(x[lab][:, cols], y[lab], "auto", seed, sets)
                 p = clf.predict_proba(x[rest][:, cols])
                 m = metrics(y[rest], p >= 0.5, p)
                 rows.append({**base, "method": method, **m, "model": clf.description.split(" on ")[0],
-                             "fit_s": time.perf_counter() - t0})  # fmt: skip
+                             "feature_set": clf.feature_set, "fit_s": time.perf_counter() - t0})  # fmt: skip
             if seed < cnn_draws:
                 t0 = time.perf_counter()
                 cnn = fit_supervised(ds["images"][lab], y[lab], SupervisedOptions(epochs=cnn_epochs, seed=seed))
@@ -145,15 +146,15 @@ def run_dataset(ds: dict[str, Any], fracs: list[float], draws: int, cnn_draws: i
                 log.info("supervised CNN fitted on %d images in %.1f s", len(lab), time.perf_counter() - t0)
                 rows.append({**base, "method": "supervised CNN", **metrics(y[rest], p >= 0.5, p),
                              "fit_s": time.perf_counter() - t0})  # fmt: skip
-            log.info("fraction %.2f draw %d: %s", frac, seed, {r["method"]: round(r["f1"], 3) for r in rows[-6:]})
+            log.info("fraction %.2f draw %d: %s", frac, seed, {r["method"]: round(r["f1"], 3) for r in rows[-7:]})
     return rows
 
 
 def summarise(rows: list[dict]) -> list[dict]:
     out = []
     keys = sorted({(r["dataset"], r["fraction"], r["method"]) for r in rows}, key=lambda k: (k[0], k[1]))
-    order = ["score@bundle", "score@labelled-f1", "classifier", "classifier (embedding only)",
-             "classifier (map stats only)", "supervised CNN"]  # fmt: skip
+    order = ["score@bundle", "score@labelled-f1", "classifier", "classifier (embedding + map stats, no set choice)",
+             "classifier (embedding only)", "classifier (map stats only)", "supervised CNN"]  # fmt: skip
     keys.sort(key=lambda k: (k[0], k[1], order.index(k[2])))
     for d, f, m in keys:
         sel = [r for r in rows if (r["dataset"], r["fraction"], r["method"]) == (d, f, m)]

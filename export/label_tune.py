@@ -86,6 +86,7 @@ class LinearClassifier:
     bias: float
     description: str
     stats: dict[str, float] = field(default_factory=dict)
+    feature_set: str = "all features"
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """``(N, D)`` features -> ``(N,)`` defect probability."""
@@ -248,13 +249,46 @@ def _estimator(name: str, c: float, seed: int) -> Any:
     return SVC(kernel="linear", C=c, class_weight="balanced", random_state=seed)
 
 
-def fit_classifier(x: np.ndarray, y: np.ndarray, kind: Kind = "auto", seed: int = 0) -> LinearClassifier:
+#: A named group of feature columns the classifier may be restricted to (simplest first).
+FeatureSet = tuple[str, Sequence[int]]
+
+
+def feature_sets(dims: int) -> list[FeatureSet]:
+    """The nested feature sets ``label-tune`` chooses among, simplest first, for ``dims`` part features.
+
+    The anomaly score alone (a calibrated 1-D rule on the bundle's own score), the anomaly-map statistics, and the
+    teacher embedding with the statistics. With a dozen labelled images (5% of a small test set) a classifier on a
+    ~180-dim embedding overfits: measured on kolektorsdd it fell below the bare anomaly score
+    (``benchmarks/results/few_labels.md``), so the richer sets must earn their place in cross-validation.
+    """
+    n_stats = len(MAP_STATS)
+    stats = list(range(dims - n_stats, dims))
+    return [("anomaly score", [dims - n_stats]), ("anomaly-map statistics", stats), ("embedding + map statistics",
+            list(range(dims)))]  # fmt: skip
+
+
+def _auroc_se(auc: float, n_pos: int, n_neg: int) -> float:
+    """Hanley & McNeil (1982) standard error of an AUROC estimated from ``n_pos`` positives, ``n_neg`` negatives."""
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)) / max(n_pos * n_neg, 1)
+    return float(np.sqrt(max(var, 0.0)))
+
+
+def fit_classifier(
+    x: np.ndarray, y: np.ndarray, kind: Kind = "auto", seed: int = 0, sets: Sequence[FeatureSet] | None = None
+) -> LinearClassifier:
     """Fit, choose and calibrate a linear classifier on ``x (N, D)``, ``y (N,)`` in {0, 1} (1 = defect).
 
-    Each candidate (logistic regression / linear SVM x ``C`` grid) gets out-of-fold decision values by stratified
-    k-fold cross-validation (``k = min(5, smallest class)``); the one with the best out-of-fold AUROC is refitted on
-    every image, and a Platt sigmoid fitted on its out-of-fold decision values calibrates it. Only the labelled
-    images are used.
+    Each candidate (feature set x logistic regression / linear SVM x ``C`` grid) gets out-of-fold decision values by
+    stratified k-fold cross-validation (``k = min(5, smallest class)``). With several feature sets (``sets``,
+    simplest first) the **one-standard-error rule** picks the set: the simplest one whose best candidate is within
+    one standard error (Hanley-McNeil) of the best out-of-fold AUROC of any candidate; within it the best
+    candidate wins. That candidate is refitted on every image, and a Platt sigmoid fitted on its out-of-fold
+    decision values calibrates it. Only the labelled images are used. The weight vector has zeros outside the
+    chosen set, so the exported part keeps one shape.
+
+    Args:
+        sets: ``[(name, columns)]`` to choose among; ``None``: every column, one set.
 
     Raises:
         ExportError: one class only, or fewer than :data:`MIN_PER_CLASS` images in a class.
@@ -269,23 +303,38 @@ def fit_classifier(x: np.ndarray, y: np.ndarray, kind: Kind = "auto", seed: int 
         raise ExportError(
             f"labelled images: {counts[0]} good and {counts[1]} defect; at least {MIN_PER_CLASS} of each are needed"
         )
+    dims = x.shape[1]
+    sets = list(sets) if sets is not None else [("all features", list(range(dims)))]
+    for set_name, cols in sets:
+        if not cols or min(cols) < 0 or max(cols) >= dims:
+            raise ExportError(f"feature set {set_name!r}: columns {list(cols)[:5]}... outside the {dims} features")
     mu, sigma = x.mean(axis=0), x.std(axis=0)
     sigma = np.where(sigma > 1e-8, sigma, 1.0)  # constant features stay at zero
     xs = (x - mu) / sigma
     folds = int(min(5, counts.min()))
     splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(xs, y))
-    best: tuple[float, str, float, np.ndarray] | None = None
-    for name, c in _candidates(kind):
-        oof = np.zeros(len(y))
-        for tr, te in splits:
-            oof[te] = _estimator(name, c, seed).fit(xs[tr], y[tr]).decision_function(xs[te])
-        auc = float(roc_auc_score(y, oof))
-        if best is None or auc > best[0] + 1e-9:  # ties keep the earlier (stronger-regularised) candidate
-            best = (auc, name, c, oof)
-    assert best is not None
-    auc, name, c, oof = best
-    final = _estimator(name, c, seed).fit(xs, y)
-    w, b = final.coef_.ravel().astype(np.float64), float(final.intercept_[0])
+    per_set: list[tuple[float, str, float, np.ndarray]] = []  # best candidate of each set
+    for _, cols in sets:
+        xc = xs[:, list(cols)]
+        best: tuple[float, str, float, np.ndarray] | None = None
+        for name, c in _candidates(kind):
+            oof = np.zeros(len(y))
+            for tr, te in splits:
+                oof[te] = _estimator(name, c, seed).fit(xc[tr], y[tr]).decision_function(xc[te])
+            auc = float(roc_auc_score(y, oof))
+            if best is None or auc > best[0] + 1e-9:  # ties keep the earlier (stronger-regularised) candidate
+                best = (auc, name, c, oof)
+        assert best is not None
+        per_set.append(best)
+    top = max(r[0] for r in per_set)
+    se = _auroc_se(top, int(counts[1]), int(counts[0]))
+    chosen = next(i for i, r in enumerate(per_set) if r[0] >= top - se)  # simplest set within one SE of the best
+    auc, name, c, oof = per_set[chosen]
+    set_name, cols = sets[chosen][0], list(sets[chosen][1])
+    final = _estimator(name, c, seed).fit(xs[:, cols], y)
+    w = np.zeros(dims)
+    w[cols] = final.coef_.ravel().astype(np.float64)
+    b = float(final.intercept_[0])
     platt = LogisticRegression(C=1e4, max_iter=5000).fit(oof[:, None], y)  # ~unregularised 1-D sigmoid
     a, b0 = float(platt.coef_[0, 0]), float(platt.intercept_[0])
     # sigmoid(a * (w . (x - mu) / sigma + b) + b0) = sigmoid(x . w' + b')
@@ -302,14 +351,22 @@ def fit_classifier(x: np.ndarray, y: np.ndarray, kind: Kind = "auto", seed: int 
         "C": float(c),
         "platt_a": a,
         "platt_b": b0,
+        "cv_auroc_se": se,
+        **{f"cv_auroc[{sn}]": r[0] for (sn, _), r in zip(sets, per_set, strict=True)},
     }
+    n_cand = len(_candidates(kind)) * len(sets)
+    chosen_by = (
+        f"{folds}-fold stratified CV AUROC on the labelled images"
+        if len(sets) == 1
+        else f"{folds}-fold stratified CV AUROC on the labelled images, the simplest feature set within one "
+        f"standard error ({se:.3f}) of the best"
+    )
     desc = (
-        f"{label} (C={c:g}, class-balanced) on standardised features, chosen among {len(_candidates(kind))} "
-        f"candidates by {folds}-fold stratified CV AUROC on the labelled images; Platt-calibrated on its "
-        "out-of-fold decision values"
+        f"{label} (C={c:g}, class-balanced) on standardised features ({set_name}), chosen among {n_cand} "
+        f"candidates by {chosen_by}; Platt-calibrated on its out-of-fold decision values"
     )
     log.info("classifier: %s; CV AUROC %.3f, CV F1@0.5 %.3f", desc, auc, stats["cv_f1_at_0.5"])
-    return LinearClassifier(weight=weight, bias=bias, description=desc, stats=stats)
+    return LinearClassifier(weight=weight, bias=bias, description=desc, stats=stats, feature_set=set_name)
 
 
 # ---------------------------------------------------------------------------------------------------------- bundle
@@ -391,7 +448,7 @@ def label_tune(opts: LabelTuneOptions) -> tuple[Path, Manifest]:
         with AnomalyModel(Path(base), BackendConfig(kind="onnxruntime", threads=2)) as anomaly:
             d = describe(module, anomaly, [p for p, _ in items])
         y = np.array([lab for _, lab in items])
-        clf = fit_classifier(d.features, y, opts.classifier, opts.seed)
+        clf = fit_classifier(d.features, y, opts.classifier, opts.seed, feature_sets(d.features.shape[1]))
         set_head(module, clf)
         opset = int(base_manifest.extra.get("opset", 17))
         n_good, n_defect = int((y == 0).sum()), int((y == 1).sum())
@@ -428,6 +485,7 @@ def label_tune(opts: LabelTuneOptions) -> tuple[Path, Manifest]:
                 f"statistics ({', '.join(MAP_STATS)}) of this bundle's chain",
                 source=f"{Path(opts.labelled).absolute()}: {n_good} good, {n_defect} defect",
                 stats=clf.stats,
+                feature_set=clf.feature_set,
             )
             manifest = base_manifest.model_copy(
                 update={

@@ -160,6 +160,9 @@ class ClassifierSpec(_Strict):
     features: str = Field(..., description="what the classifier reads")
     source: str = Field(..., description="which labelled images fitted it (folder, counts per class)")
     stats: dict[str, float] = Field(default_factory=dict, description="cross-validated figures on those images")
+    feature_set: str | None = Field(
+        None, description="the features the classifier uses (chosen by cross-validation; absent in older bundles)"
+    )
 
 
 class Int8Spec(_Strict):

@@ -109,6 +109,35 @@ def test_fit_classifier_separates_and_calibrates() -> None:
         fit_classifier(x[:21], y[:21])
 
 
+def test_fit_classifier_prefers_the_simplest_feature_set_within_one_se() -> None:
+    """A noisy 40-dim block next to an informative score: the score set wins; a signal only the block carries
+    (the score is noise): the richer set wins. The weight is zero outside the chosen columns."""
+    from export.label_tune import feature_sets
+
+    rng = np.random.default_rng(1)
+    n_good, n_def = 16, 8
+    y = np.r_[np.zeros(n_good), np.ones(n_def)]
+    dims = 40 + 5
+    x = rng.normal(0, 1, (len(y), dims))
+    x[:, 40] += 2.5 * y  # column 40 = the anomaly score (first of the map statistics)
+    sets = feature_sets(dims)
+    assert [name for name, _ in sets] == ["anomaly score", "anomaly-map statistics", "embedding + map statistics"]
+    clf = fit_classifier(x, y, seed=0, sets=sets)
+    assert clf.feature_set == "anomaly score"
+    assert np.count_nonzero(clf.weight) == 1 and clf.weight[40] > 0
+    assert clf.stats["cv_auroc[anomaly score]"] > 0.8 and "cv_auroc_se" in clf.stats
+    p = clf.predict_proba(x)
+    assert p[y == 1].mean() > p[y == 0].mean()
+
+    x2 = rng.normal(0, 1, (len(y), dims))
+    x2[:, :10] += 2.0 * y[:, None]  # only the embedding block separates
+    clf2 = fit_classifier(x2, y, seed=0, sets=sets)
+    assert clf2.feature_set == "embedding + map statistics"
+    assert clf2.stats["cv_auroc[embedding + map statistics]"] > clf2.stats["cv_auroc[anomaly score]"]
+    with pytest.raises(ExportError, match="outside the 45 features"):
+        fit_classifier(x, y, sets=[("bad", [45])])
+
+
 def _write(folder: Path, n: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
