@@ -121,6 +121,7 @@ def run_dataset(ds: dict[str, Any], fracs: list[float], draws: int, cnn_draws: i
     emb = slice(0, x.shape[1] - STAT_DIMS)
     for frac in fracs:
         for seed in range(draws):
+            first = len(rows)
             lab, rest = draw(y, frac, seed)
             base = {"fraction": frac, "seed": seed, "n_labelled": int(len(lab)), "n_eval": int(len(rest))}
             base["n_labelled_defect"], base["n_eval_defect"] = int(y[lab].sum()), int(y[rest].sum())
@@ -134,7 +135,8 @@ def run_dataset(ds: dict[str, Any], fracs: list[float], draws: int, cnn_draws: i
                 ("classifier (map stats only)", slice(x.shape[1] - STAT_DIMS, None), None),
             ):
                 t0 = time.perf_counter()
-                clf = fit_classifier(x[lab][:, cols], y[lab], "auto", seed, sets)
+                fb = (x.shape[1] - STAT_DIMS, ds["threshold"]) if sets is not None else None  # as label-tune
+                clf = fit_classifier(x[lab][:, cols], y[lab], "auto", seed, sets, fb)
                 p = clf.predict_proba(x[rest][:, cols])
                 m = metrics(y[rest], p >= 0.5, p)
                 rows.append({**base, "method": method, **m, "model": clf.description.split(" on ")[0],
@@ -146,7 +148,7 @@ def run_dataset(ds: dict[str, Any], fracs: list[float], draws: int, cnn_draws: i
                 log.info("supervised CNN fitted on %d images in %.1f s", len(lab), time.perf_counter() - t0)
                 rows.append({**base, "method": "supervised CNN", **metrics(y[rest], p >= 0.5, p),
                              "fit_s": time.perf_counter() - t0})  # fmt: skip
-            log.info("fraction %.2f draw %d: %s", frac, seed, {r["method"]: round(r["f1"], 3) for r in rows[-7:]})
+            log.info("fraction %.2f draw %d: %s", frac, seed, {r["method"]: round(r["f1"], 3) for r in rows[first:]})
     return rows
 
 
@@ -179,6 +181,12 @@ def main() -> int:
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--merge", action="store_true", help="keep other datasets' rows of an existing few_labels.json")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a crowded box)")
+    ap.add_argument(
+        "--keep-cnn",
+        action="store_true",
+        help="with --cnn-draws 0: keep the supervised CNN rows of an existing few_labels.json (the CNN reads neither "
+        "the run nor the classifier; same images and draws)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -192,6 +200,9 @@ def main() -> int:
             rows.append({"dataset": name, **r})
     done = {spec.split("=", 1)[0] for spec in args.runs}
     previous = args.results / "few_labels.json"
+    if args.keep_cnn and previous.is_file():
+        rows += [r for r in json.loads(previous.read_text())["rows"]
+                 if r["method"] == "supervised CNN" and r["dataset"] in done]  # fmt: skip
     kept_runs: dict[str, str] = {}
     if args.merge and previous.is_file():  # keep the other datasets' draws from an earlier invocation
         old = json.loads(previous.read_text())
@@ -211,6 +222,7 @@ def main() -> int:
             "fractions": args.fractions,
             "draws": args.draws,
             "cnn_draws": args.cnn_draws,
+            "cnn_rows_kept_from_previous": bool(args.keep_cnn),
             "cnn_epochs": args.cnn_epochs,
             "labelled_draw": "stratified per class, round(fraction * n_class) (at least 2), numpy seed = draw index",
             "evaluated_on": "the test images not drawn (never the labelled ones)",
@@ -222,11 +234,12 @@ def main() -> int:
     }
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "few_labels.json").write_text(json.dumps(out, indent=2))
+    cnn = "CNN rows kept from the previous invocation" if args.keep_cnn else f"{args.cnn_draws} for the CNN"
     lines = [
         "# Few-labels benchmark (seed 002)",
         "",
         f"{out['date']}; `benchmarks/few_labels.py`; runs {out['conditions']['runs']}; {args.draws} stratified draws "
-        f"per fraction ({args.cnn_draws} for the CNN); metrics on the test images not drawn; mean +- std over draws. "
+        f"per fraction ({cnn}); metrics on the test images not drawn; mean +- std over draws. "
         "Raw: few_labels.json.",
         "",
         "| dataset | labels | method | draws | n eval | accuracy | precision | recall | F1 | AUROC |",

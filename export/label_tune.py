@@ -275,7 +275,12 @@ def _auroc_se(auc: float, n_pos: int, n_neg: int) -> float:
 
 
 def fit_classifier(
-    x: np.ndarray, y: np.ndarray, kind: Kind = "auto", seed: int = 0, sets: Sequence[FeatureSet] | None = None
+    x: np.ndarray,
+    y: np.ndarray,
+    kind: Kind = "auto",
+    seed: int = 0,
+    sets: Sequence[FeatureSet] | None = None,
+    fallback: tuple[int, float] | None = None,
 ) -> LinearClassifier:
     """Fit, choose and calibrate a linear classifier on ``x (N, D)``, ``y (N,)`` in {0, 1} (1 = defect).
 
@@ -287,8 +292,16 @@ def fit_classifier(
     decision values calibrates it. Only the labelled images are used. The weight vector has zeros outside the
     chosen set, so the exported part keeps one shape.
 
+    **Fallback.** When the labels carry no usable signal (the chosen candidate's out-of-fold AUROC is at most 0.5,
+    its Platt slope is not positive, or, on the score alone, a negative weight: each says the probability would
+    fall as the evidence of a defect grows, which a dozen images can produce by chance) and ``fallback = (score
+    column, threshold)`` is given, the result reproduces the bundle's own rule instead:
+    ``probability = sigmoid((score - threshold) / spread)``, so NG iff ``score >= threshold`` at probability 0.5;
+    ``stats["fallback"]`` is then 1.
+
     Args:
         sets: ``[(name, columns)]`` to choose among; ``None``: every column, one set.
+        fallback: the anomaly score's column and the bundle's threshold, for the fallback above.
 
     Raises:
         ExportError: one class only, or fewer than :data:`MIN_PER_CLASS` images in a class.
@@ -354,6 +367,21 @@ def fit_classifier(
         "cv_auroc_se": se,
         **{f"cv_auroc[{sn}]": r[0] for (sn, _), r in zip(sets, per_set, strict=True)},
     }
+    # A higher anomaly score never means "less defective": a negative weight on the score alone says the labels are
+    # noise (with the map statistics beside it the weights share collinear columns and their signs mean nothing).
+    flipped = fallback is not None and cols == [fallback[0]] and w[fallback[0]] < 0
+    if fallback is not None and (auc <= 0.5 or a <= 0 or flipped):
+        col, thr = fallback
+        spread = max(float(x[:, col].std()), 1e-6)
+        weight = np.zeros(dims)
+        weight[col] = 1.0 / spread
+        stats.update({"fallback": 1.0, "threshold": float(thr)})
+        desc = (
+            f"the bundle's threshold rule (score >= {thr:.6g}) as a sigmoid: the labelled images carried no usable "
+            f"signal (best CV AUROC {auc:.3f}, Platt slope {a:.3g}, score weight {w[col]:.3g})"
+        )
+        log.warning("classifier: %s", desc)
+        return LinearClassifier(weight, -thr / spread, desc, stats, "anomaly score (bundle threshold)")
     n_cand = len(_candidates(kind)) * len(sets)
     chosen_by = (
         f"{folds}-fold stratified CV AUROC on the labelled images"
@@ -448,7 +476,11 @@ def label_tune(opts: LabelTuneOptions) -> tuple[Path, Manifest]:
         with AnomalyModel(Path(base), BackendConfig(kind="onnxruntime", threads=2)) as anomaly:
             d = describe(module, anomaly, [p for p, _ in items])
         y = np.array([lab for _, lab in items])
-        clf = fit_classifier(d.features, y, opts.classifier, opts.seed, feature_sets(d.features.shape[1]))
+        dims = d.features.shape[1]
+        score_col = dims - len(MAP_STATS)  # MAP_STATS[0] is the score
+        clf = fit_classifier(
+            d.features, y, opts.classifier, opts.seed, feature_sets(dims), (score_col, base_manifest.threshold.value)
+        )
         set_head(module, clf)
         opset = int(base_manifest.extra.get("opset", 17))
         n_good, n_defect = int((y == 0).sum()), int((y == 1).sum())

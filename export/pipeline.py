@@ -237,6 +237,18 @@ def _student_choice(record: dict[str, Any] | None) -> dict[str, str]:
     return {"student.chosen": str(record["chosen"]), "student.signals": signals, "student.rule": str(record["rule"])}
 
 
+def _density_choice(record: dict[str, Any] | None, uses_density: bool) -> dict[str, str]:
+    """Manifest lines for the density head's kNN blend (chosen in training); empty without one."""
+    if not record or not uses_density:
+        return {}
+    signals = ", ".join(f"share {b}: {v:.4f}" for b, v in record["signals"].items())
+    return {
+        "density.knn_share": f"{float(record['chosen']):g}",
+        "density.knn_bank": str(record["bank"]) if float(record["chosen"]) > 0 else "0 (Gaussian alone)",
+        "density.knn_signals": signals,
+    }
+
+
 def _torch_scores(model: Any, scoring: Any, images: np.ndarray, batch: int = 8) -> np.ndarray:
     return np.concatenate(
         [_torch_chain(model, scoring, images[i : i + batch])["score"] for i in range(0, len(images), batch)]
@@ -375,6 +387,7 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
             **({"scoring.signal": float(scoring.info["signal"])} if "signal" in scoring.info else {}),
             **({"scoring.candidates": len(scoring.info["candidates"])} if "candidates" in scoring.info else {}),
             **_student_choice(scoring.info.get("projection")),
+            **_density_choice(scoring.info.get("density_knn"), scoring.density is not None),
             "parity_tolerance_part_rel": opts.parity_tol,
             "parity_tolerance_score_rel": opts.score_tol,
         }

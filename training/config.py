@@ -85,6 +85,14 @@ class SelectionConfig(_Strict):
     synthetic_per_image: int = Field(3, ge=1, le=20, description="synthetic defects made from each validation image")
     density: bool = Field(True, description="fit the per-position Gaussian density head (fusion candidates)")
     density_dims: int = Field(64, ge=4, le=1024, description="PCA dimensions of the density head")
+    knn_coreset: float = Field(
+        0.01,
+        ge=0.0,
+        le=0.2,
+        description="memory bank of the density head's kNN map as a fraction of the training patches (PatchCore's "
+        "coreset ratio; the peers use 0.01); the validation signal decides whether the map is blended in "
+        "(kNN share 0 or 0.5); 0: the Gaussian alone, no bank",
+    )
     signal: Literal["per_kind", "pooled"] = Field(
         "per_kind",
         description="per_kind: mean over synthetic defect kinds of (image AUROC + pixel AUROC) / 2, so thin scratches "

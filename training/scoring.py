@@ -156,18 +156,35 @@ class DensityHead(nn.Module):
     own mean and (shrunk) covariance.
 
     Input ``f1 (B,c1,H/4,W/4), f2 (B,c2,H/8,W/8), f3 (B,c3,H/16,W/16)``; output ``density_map (B, 1, H/8, W/8)``.
+
+    **Optional position-free kNN blend** (``knn > 0`` memory-bank rows; PatchCore, Roth et al. 2022): the distance of
+    each stride-8 patch (3x3-averaged stride-8 and upsampled stride-16 features) to its nearest neighbour in a greedy
+    coreset of the training patches. The per-position Gaussian cannot follow parts that are not aligned (tiles of
+    varying shape, textures); the kNN map can, but alone it loses AUPRO. With a bank the output is
+    ``(1 - b) * (gauss - g_loc) / g_scale + b * (knn - k_loc) / k_scale``, both maps in units of their spread on the
+    good validation images, ``b`` chosen by the validation signal (:func:`training.selection.choose_knn_blend`).
+    The part keeps its inputs and output, so bundles, export and runtime are unchanged.
     """
 
-    def __init__(self, channels: tuple[int, int, int], image_size: tuple[int, int], dims: int = 64) -> None:
+    def __init__(
+        self, channels: tuple[int, int, int], image_size: tuple[int, int], dims: int = 64, knn: int = 0
+    ) -> None:
         super().__init__()
         c = sum(channels)
         self.grid = (image_size[0] // 8, image_size[1] // 8)
         p = self.grid[0] * self.grid[1]
         self.dims = min(dims, c)
+        self.knn = int(knn)
         self.register_buffer("center", torch.zeros(c, 1))
         self.register_buffer("basis", torch.eye(c)[: self.dims].clone())  # (d, C)
         self.register_buffer("mean", torch.zeros(self.dims, p))  # (d, P)
         self.register_buffer("chol", torch.eye(self.dims).expand(p, -1, -1).clone())  # (P, d, d), precision = L L^T
+        if self.knn:
+            ck = channels[1] + channels[2]
+            self.register_buffer("bank", torch.zeros(self.knn, ck))  # (M, c2 + c3)
+            self.register_buffer("bank_sq", torch.zeros(self.knn))  # (M,) squared norms
+            # blend b, (g_loc, g_scale), (k_loc, k_scale)
+            self.register_buffer("blend", torch.tensor([0.0, 0.0, 1.0, 0.0, 1.0]))
 
     def embed(self, f1: Tensor, f2: Tensor, f3: Tensor) -> Tensor:
         """``(B, C, P)`` stride-8 features, P = H/8 * W/8."""
@@ -176,12 +193,68 @@ class DensityHead(nn.Module):
         )
         return x.flatten(2)
 
-    def forward(self, f1: Tensor, f2: Tensor, f3: Tensor) -> Tensor:
+    def gaussian(self, f1: Tensor, f2: Tensor, f3: Tensor) -> Tensor:
+        """The Mahalanobis map ``(B, 1, H/8, W/8)`` alone."""
         x = self.embed(f1, f2, f3) - self.center  # (B, C, P)
         y = torch.matmul(self.basis, x) - self.mean  # (B, d, P)
         z = torch.matmul(y.permute(2, 0, 1), self.chol)  # (P, B, d)
         dist = torch.sqrt(z.pow(2).sum(dim=2).clamp_min(0.0))  # (P, B)
         return dist.transpose(0, 1).reshape(-1, 1, *self.grid)
+
+    def patches(self, f2: Tensor, f3: Tensor) -> Tensor:
+        """PatchCore's patch features on the stride-8 grid: ``(B, P, c2 + c3)``."""
+        a = F.avg_pool2d(f2, 3, stride=1, padding=1, count_include_pad=False)
+        b = F.interpolate(
+            F.avg_pool2d(f3, 3, stride=1, padding=1, count_include_pad=False),
+            size=self.grid,
+            mode="bilinear",
+            align_corners=False,
+        )
+        return torch.cat([a, b], dim=1).flatten(2).transpose(1, 2)
+
+    def nearest(self, f2: Tensor, f3: Tensor) -> Tensor:
+        """The kNN map ``(B, 1, H/8, W/8)``: distance of each patch to its nearest memory-bank row."""
+        q = self.patches(f2, f3)  # (B, P, C)
+        d2 = q.pow(2).sum(dim=2, keepdim=True) - 2.0 * torch.matmul(q, self.bank.t()) + self.bank_sq  # (B, P, M)
+        dist = torch.sqrt(d2.amin(dim=2).clamp_min(0.0))  # (B, P)
+        return dist.reshape(-1, 1, *self.grid)
+
+    def forward(self, f1: Tensor, f2: Tensor, f3: Tensor) -> Tensor:
+        g = self.gaussian(f1, f2, f3)
+        if not self.knn:
+            return g
+        b, gl, gs, kl, ks = self.blend.unbind(0)
+        return (1.0 - b) * (g - gl) / gs + b * (self.nearest(f2, f3) - kl) / ks
+
+    @torch.no_grad()
+    def fit_knn(self, feats: list[Tensor], batch: int = 16, seed: int = 0) -> DensityHead:
+        """Fill the memory bank with a greedy k-centre coreset of the training patches (distances on a random
+        128-d projection, as PatchCore does); ``blend`` stays 0 until :meth:`set_blend`."""
+        if not self.knn:
+            raise ValueError("fit_knn needs a head built with knn > 0 (memory-bank rows)")
+        n = feats[0].shape[0]
+        bank = torch.cat([self.patches(feats[1][i : i + batch].float(), feats[2][i : i + batch].float()).flatten(0, 1)
+                          for i in range(0, n, batch)])  # fmt: skip
+        m = min(self.knn, bank.shape[0])
+        g = torch.Generator().manual_seed(seed)
+        z = bank @ (torch.randn(bank.shape[1], min(128, bank.shape[1]), generator=g) / 128**0.5)
+        zsq = z.pow(2).sum(1)
+        idx = [int(torch.randint(bank.shape[0], (1,), generator=g))]
+        mind = zsq - 2.0 * (z @ z[idx[0]]) + zsq[idx[0]]
+        for _ in range(m - 1):
+            i = int(torch.argmax(mind))
+            idx.append(i)
+            mind = torch.minimum(mind, zsq - 2.0 * (z @ z[i]) + zsq[i])
+        chosen = bank[idx]
+        if m < self.knn:  # fewer patches than rows: repeat the last (a duplicate never changes the minimum)
+            chosen = torch.cat([chosen, chosen[-1:].expand(self.knn - m, -1)])
+        self.bank.copy_(chosen)
+        self.bank_sq.copy_(chosen.pow(2).sum(1))
+        return self
+
+    def set_blend(self, b: float, gauss_norm: tuple[float, float], knn_norm: tuple[float, float]) -> None:
+        """``b``: share of the kNN map; the norms: ``(loc, scale)`` of each map on good validation images."""
+        self.blend.copy_(torch.tensor([b, *gauss_norm, *knn_norm], dtype=torch.float32))
 
     @torch.no_grad()
     def fit(self, feats: list[Tensor], batch: int = 8, shrink: float = 0.01) -> DensityHead:
@@ -350,7 +423,7 @@ def build_scoring(
         stats.load_state_dict(state["stats"])
     density = None
     if recipe.uses_density:
-        density = DensityHead(channels, image_size, int(state["density_dims"]))
+        density = DensityHead(channels, image_size, int(state["density_dims"]), int(state.get("density_knn", 0)))
         density.load_state_dict(state["density"])
         density.eval()
         scorer: AnomalyScorer = FusedScorer(image_size, sigma, recipe, stats)
@@ -369,4 +442,5 @@ def scoring_state(
     if recipe.uses_density and density is not None:
         state["density"] = {k: v.detach().cpu() for k, v in density.state_dict().items()}
         state["density_dims"] = density.dims
+        state["density_knn"] = density.knn
     return state

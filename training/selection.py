@@ -203,13 +203,30 @@ class Selector:
         self.boot_w = rng.multinomial(units, np.full(units, 1.0 / units), size=bootstrap).astype(np.float64)
         self.density_maps: Tensor | None = None
         if density is not None:
-            with torch.no_grad():
-                dens = torch.cat([self._density(density, fs) for fs in (good, synth)])
-            self.density_maps = self.blur(F.interpolate(dens, size=image_size, mode="bilinear", align_corners=False))
+            self.set_density(density)
 
-    @staticmethod
-    def _density(density: DensityHead, fs: FeatureSet, batch: int = 32) -> Tensor:
-        return torch.cat([density(*(f[i : i + batch] for f in fs.feats)) for i in range(0, len(fs), batch)])
+    def set_density(self, density: DensityHead) -> None:
+        """(Re)compute the validation density maps, e.g. after :func:`choose_knn_blend` changed the head."""
+        self.density_maps = self.blurred(density)
+
+    @torch.no_grad()
+    def blurred(self, head: Any, batch: int = 32) -> Tensor:
+        """``head(f1, f2, f3)`` (a stride-8 map) on good then synthetic images, upsampled and blurred like a map."""
+        out = []
+        for fs in (self.good, self.synth):
+            out += [head(*(f[i : i + batch].float() for f in fs.feats)) for i in range(0, len(fs), batch)]
+        return self.blur(F.interpolate(torch.cat(out), size=self.image_size, mode="bilinear", align_corners=False))
+
+    def map_signal(self, amap: Tensor) -> float:
+        """The validation signal of one finished map ``(N_good + N_synth, 1, H, W)`` scored by its max."""
+        n_good = len(self.good)
+        scores = reduce_map(amap, "max", 0.01).numpy()
+        pixels = amap[:, 0, :: self.stride, :: self.stride].numpy()
+        img = auroc(scores, self.img_labels)
+        if self.signal_kind == "per_kind":
+            per, _ = self._per_kind(scores[:n_good], scores[n_good:], pixels[:n_good], pixels[n_good:])
+            return float(np.mean([0.5 * (v["image_auroc"] + v["pixel_auroc"]) for v in per.values()]))
+        return 0.5 * (img + auroc(pixels.ravel(), self.pix_labels))
 
     @torch.no_grad()
     def _scale_maps(self, student: nn.Module, fs: FeatureSet, batch: int = 16) -> dict[bool, list[Tensor]]:
@@ -371,3 +388,44 @@ def _auroc_sorted(neg_sorted: np.ndarray, pos: np.ndarray) -> float:
     below = np.searchsorted(neg_sorted, pos, side="left")
     not_above = np.searchsorted(neg_sorted, pos, side="right")
     return float((below + 0.5 * (not_above - below)).sum() / (pos.size * neg_sorted.size))
+
+
+#: kNN shares of the density head tried by :func:`choose_knn_blend` (0: the Gaussian alone).
+KNN_BLENDS = (0.0, 0.5)
+
+
+def choose_knn_blend(
+    density: DensityHead, selector: Selector, blends: tuple[float, ...] = KNN_BLENDS
+) -> dict[str, Any]:
+    """Set the head's kNN share to the one whose density map alone has the best validation signal.
+
+    Both maps are put in units of their spread on the good validation images (median, q99 - median), as the
+    RD / density fusion does; ties keep the smaller share (the Gaussian alone). The validation maps of
+    ``selector`` are recomputed for the chosen head. Returns the record written to ``selection.json``.
+    """
+    if not density.knn:
+        raise ValueError("choose_knn_blend needs a head with a kNN memory bank")
+    n_good = len(selector.good)
+    g = selector.blurred(density.gaussian)
+    k = selector.blurred(lambda f1, f2, f3: density.nearest(f2, f3))
+    gn, kn = _norm(g[:n_good]), _norm(k[:n_good])
+    signals = {}
+    for b in blends:
+        amap = (1 - b) * (g - gn[0]) / gn[1] + b * (k - kn[0]) / kn[1]
+        signals[b] = selector.map_signal(amap)
+    best = blends[0]
+    for b in blends[1:]:
+        if signals[b] > signals[best] + 1e-9:
+            best = b
+    density.set_blend(best, gn, kn)
+    selector.set_density(density)
+    record = {
+        "rule": "the kNN share whose density map alone has the highest validation signal (ties: the smaller share)",
+        "signals": {f"{b:g}": v for b, v in signals.items()},
+        "chosen": best,
+        "bank": density.knn,
+        "gauss_norm": list(gn),
+        "knn_norm": list(kn),
+    }
+    log.info("density head: kNN share %g chosen (%s)", best, ", ".join(f"{b:g}: {v:.4f}" for b, v in signals.items()))
+    return record

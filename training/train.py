@@ -206,6 +206,7 @@ class Frozen:
     selector: Selector | None = None
     val_samples: list[Sample] = field(default_factory=list)
     cache_s: float = 0.0
+    knn_choice: dict[str, Any] | None = None
 
 
 def resolve_device(cfg: TrainConfig, dinfo: DistInfo) -> torch.device:
@@ -253,9 +254,17 @@ def prepare(
     del train_np
     stats = ChannelStats(spec.channels).fit(train_fs.feats)
     frozen = Frozen(splits, train_fs, train_samples, skipped, stats)
+    knn_rows = 0
     if splits.val:
         if cfg.selection.density:
-            frozen.density = DensityHead(spec.channels, size, cfg.selection.density_dims).fit(train_fs.feats)
+            n_patches = len(train_fs) * (size[0] // 8) * (size[1] // 8)
+            knn_rows = int(math.ceil(cfg.selection.knn_coreset * n_patches)) if cfg.selection.knn_coreset > 0 else 0
+            frozen.density = DensityHead(spec.channels, size, cfg.selection.density_dims, knn_rows)
+            frozen.density.fit(train_fs.feats)
+            if knn_rows:
+                t_knn = time.perf_counter()
+                frozen.density.fit_knn(train_fs.feats, seed=cfg.seed)
+                log.info("density head: kNN memory bank of %d patches in %.1f s", knn_rows, time.perf_counter() - t_knn)
         val_np, frozen.val_samples, _ = load_readable(splits.val, size, mean, std, desc="decoding validation")
         synth01, synth_masks, kinds = synthesize(
             to_unit_rgb(val_np, mean, std), cfg.selection.synthetic_per_image, cfg.seed
@@ -281,6 +290,16 @@ def prepare(
             bootstrap=cfg.selection.bootstrap,
             seed=cfg.seed,
         )
+        if knn_rows and frozen.density is not None:
+            from training.selection import choose_knn_blend
+
+            frozen.knn_choice = choose_knn_blend(frozen.density, frozen.selector)
+            if frozen.knn_choice["chosen"] == 0:  # the Gaussian alone: no bank in the checkpoint or the bundle
+                plain = DensityHead(spec.channels, size, cfg.selection.density_dims)
+                plain.load_state_dict({k: v for k, v in frozen.density.state_dict().items()
+                                       if k not in ("bank", "bank_sq", "blend")})  # fmt: skip
+                frozen.density = plain
+                frozen.selector.set_density(plain)
         log.info(
             "selection: %d good validation images + %d synthetic defects (%s), %d candidate recipes",
             len(good_fs),
@@ -370,9 +389,9 @@ def fit(
         objective.load_state_dict(rs.aux)
     start_step, best_signal, best_step, history = rs.step, rs.best_signal, rs.best_step, rs.history
 
-    split_record = {
-        "train": [str(s.path) for s in frozen.train_samples],
-        "val": [str(s.path) for s in frozen.splits.val],
+    split_record = {  # absolute: export and evaluate then work from any working directory
+        "train": [str(s.path.absolute()) for s in frozen.train_samples],
+        "val": [str(s.path.absolute()) for s in frozen.splits.val],
     }
     if dinfo.is_main:
         (out / "split.json").write_text(json.dumps(split_record, indent=1))
@@ -475,7 +494,8 @@ def fit(
                 last_eval = record
                 if improved:
                     best_signal, best_step = ev.best_signal, step
-                    info = {"signal": ev.best_signal, "step": step, "candidates": ev.results, "tie": ev.tie}
+                    info = {"signal": ev.best_signal, "step": step, "candidates": ev.results, "tie": ev.tie,
+                            "density_knn": frozen.knn_choice}  # fmt: skip
                     scoring = scoring_state(ev.best, stats, density, info)
                     save_checkpoint(out / BEST, payload(step, scoring))
                 student.train()
@@ -522,6 +542,7 @@ def fit(
             "cache_s": frozen.cache_s,
             "history": history,
             "paper_recipe": PAPER_RECIPE.name(),
+            "density_knn": frozen.knn_choice,
         }
         if (out / BEST).is_file():
             best_ckpt = load_checkpoint(out / BEST)

@@ -138,6 +138,23 @@ def test_fit_classifier_prefers_the_simplest_feature_set_within_one_se() -> None
         fit_classifier(x, y, sets=[("bad", [45])])
 
 
+def test_fit_classifier_falls_back_to_the_threshold_rule_when_labels_carry_no_signal() -> None:
+    """Scores ranked the wrong way round on the labelled images: no classifier is trusted; the result is the
+    bundle's rule (NG iff score >= threshold at probability 0.5), said so in the description and stats."""
+    from export.label_tune import feature_sets
+
+    rng = np.random.default_rng(2)
+    y = np.r_[np.zeros(8), np.ones(4)]
+    x = rng.normal(0, 1, (12, 15))
+    x[:, 10] = np.r_[np.linspace(2.0, 3.0, 8), np.linspace(0.0, 1.0, 4)]  # column 10 = score, defects lowest
+    clf = fit_classifier(x, y, seed=0, sets=feature_sets(15), fallback=(10, 1.5))
+    assert clf.stats["fallback"] == 1.0 and "threshold rule" in clf.description
+    probe = np.zeros((3, 15))
+    probe[:, 10] = [1.0, 1.5, 2.0]
+    p = clf.predict_proba(probe)
+    assert p[0] < 0.5 and p[1] == pytest.approx(0.5) and p[2] > 0.5
+
+
 def _write(folder: Path, n: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):

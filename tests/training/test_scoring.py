@@ -182,3 +182,61 @@ def test_recipe_dict_round_trip_and_names() -> None:
     assert ScoreRecipe.from_dict(r.to_dict()) == r
     assert r.name() == "s[0,0,1] std top1% dens0.25"
     assert PAPER_RECIPE.name() == "s[1,1,1] raw max" and not PAPER_RECIPE.uses_density
+
+
+def test_density_knn_bank_is_a_coreset_and_its_map_the_nearest_patch_distance() -> None:
+    """The kNN map equals a brute-force nearest-neighbour distance to the bank; a training patch is at distance 0;
+    the blend mixes the normalised maps; the state (bank included) round-trips through a checkpoint."""
+    train = _feats(12)
+    head = DensityHead(CH, SIZE, dims=6, knn=40).fit(train)
+    with pytest.raises(ValueError, match="knn > 0"):
+        DensityHead(CH, SIZE, dims=6).fit_knn(train)
+    head.fit_knn(train, seed=0)
+    bank = head.bank
+    all_patches = head.patches(train[1], train[2]).flatten(0, 1)
+    # every bank row is a training patch, and no two rows coincide (greedy k-centre never picks a patch twice)
+    d_train = torch.cdist(bank, all_patches)
+    assert float(d_train.min(dim=1).values.max()) < 5e-3  # cdist works through a matmul: ~1e-3 rounding
+    assert torch.unique(bank, dim=0).shape[0] == 40
+    test = _feats(3, seed=9)
+    ref = torch.cdist(head.patches(test[1], test[2]), bank).min(dim=2).values.reshape(3, 1, 8, 8)
+    assert torch.allclose(head.nearest(test[1], test[2]), ref, atol=1e-3)
+    # blend 0 (the default until chosen): the Gaussian alone; blend 0.5: the mix of normalised maps
+    assert torch.allclose(head(*test), head.gaussian(*test))
+    head.set_blend(0.5, (1.0, 2.0), (0.5, 4.0))
+    mix = 0.5 * (head.gaussian(*test) - 1.0) / 2.0 + 0.5 * (ref - 0.5) / 4.0
+    assert torch.allclose(head(*test), mix, atol=1e-4)
+    recipe = ScoreRecipe(density_weight=0.5)
+    state = scoring_state(recipe, None, head, {})
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    back = build_scoring(torch.load(buf), CH, SIZE, 4.0)
+    assert back.density is not None and back.density.knn == 40
+    assert torch.allclose(back.density(*test), head(*test), atol=1e-6)
+
+
+def test_density_knn_exports_to_onnx_with_parity(tmp_path) -> None:
+    """The blended head is one ONNX part with the density contract (f1, f2, f3 -> density_map), parity 1e-4."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from export.onnx_parts import export_torch_part
+
+    class AsTuple(torch.nn.Module):
+        def __init__(self, m: torch.nn.Module) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, *x: torch.Tensor) -> tuple[torch.Tensor]:
+            return (self.m(*x),)
+
+    train = _feats(12)
+    head = DensityHead(CH, SIZE, dims=6, knn=40).fit(train).fit_knn(train)
+    head.set_blend(0.5, (1.0, 2.0), (0.5, 4.0))
+    test = _feats(2, seed=4)
+    path = tmp_path / "density.onnx"
+    export_torch_part(AsTuple(head).eval(), "density", tuple(test), path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {n: t.numpy() for n, t in zip(("f1", "f2", "f3"), test, strict=True)})[0]
+    ref = head(*test).detach().numpy()
+    assert np.max(np.abs(got - ref)) <= 1e-4 * max(1.0, float(np.abs(ref).max()))

@@ -52,6 +52,7 @@ class Setup:
     masks: np.ndarray
     channels: tuple[int, int, int]
     kinds: list[str]
+    train: FeatureSet
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,7 @@ def setup(tiny_run: Path, demo_category: Path) -> Setup:
         masks,
         spec.channels,
         kinds,
+        train,
     )
 
 
@@ -263,3 +265,22 @@ def test_tie_break_takes_the_most_density_among_candidates_within_one_standard_e
     assert no_dens.tie is None
     with pytest.raises(ValueError, match="tie_break"):
         Selector(*args, kinds=setup.kinds, tie_break="x")
+
+
+def test_knn_share_is_chosen_by_the_density_maps_own_signal(setup: Setup) -> None:
+    """choose_knn_blend: each share's signal is the selector's signal of that blended map; the best one is set on
+    the head (ties: the smaller share) and the selector's density maps are the chosen head's."""
+    head = DensityHead(setup.channels, SIZE, dims=16, knn=64).fit(setup.train.feats).fit_knn(setup.train.feats)
+    sel = Selector(setup.good, setup.synth, setup.masks, SIZE, SIGMA, setup.stats, head, kinds=setup.kinds)
+    rec = selection.choose_knn_blend(head, sel)
+    assert set(rec["signals"]) == {"0", "0.5"} and rec["bank"] == 64
+    gn, kn = tuple(rec["gauss_norm"]), tuple(rec["knn_norm"])
+    for b, sig in rec["signals"].items():
+        head.set_blend(float(b), gn, kn)
+        assert sel.map_signal(sel.blurred(head)) == pytest.approx(sig, abs=1e-6)
+    s0, s5 = rec["signals"]["0"], rec["signals"]["0.5"]
+    assert rec["chosen"] == (0.5 if s5 > s0 + 1e-9 else 0.0)
+    head.set_blend(rec["chosen"], gn, kn)
+    assert sel.density_maps is not None and torch.allclose(sel.density_maps, sel.blurred(head))
+    with pytest.raises(ValueError, match="kNN memory bank"):
+        selection.choose_knn_blend(setup.density, sel)
