@@ -193,7 +193,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labelled", required=True, type=Path, help="folder with good/ and defect/ image folders")
     p.add_argument("--out", required=True, type=Path, help="bundle folder to create")
     p.add_argument("--bundle", type=Path, help="base bundle of the run (default: export the run with defaults)")
-    p.add_argument("--classifier", choices=["auto", "logreg", "svm"], default="auto", help="default auto (by CV)")
+    p.add_argument(
+        "--classifier",
+        choices=["auto", "logreg", "svm"],
+        default="auto",
+        help="auto (default): logistic regression or linear SVM by CV, the features by the one-standard-error rule, "
+        "and the bundle's threshold rule when the labels carry no signal; logreg / svm: that model, fitted as asked",
+    )
     p.add_argument(
         "--decision",
         choices=["classifier", "either"],

@@ -478,9 +478,9 @@ def label_tune(opts: LabelTuneOptions) -> tuple[Path, Manifest]:
         y = np.array([lab for _, lab in items])
         dims = d.features.shape[1]
         score_col = dims - len(MAP_STATS)  # MAP_STATS[0] is the score
-        clf = fit_classifier(
-            d.features, y, opts.classifier, opts.seed, feature_sets(dims), (score_col, base_manifest.threshold.value)
-        )
+        # The fallback only replaces the automatic choice: a model the user named is fitted as asked.
+        fallback = (score_col, base_manifest.threshold.value) if opts.classifier == "auto" else None
+        clf = fit_classifier(d.features, y, opts.classifier, opts.seed, feature_sets(dims), fallback)
         set_head(module, clf)
         opset = int(base_manifest.extra.get("opset", 17))
         n_good, n_defect = int((y == 0).sum()), int((y == 1).sum())

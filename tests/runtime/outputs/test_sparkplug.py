@@ -210,12 +210,15 @@ def test_births_data_seq_wrap_broker_restart_historical_replay_rebirth_and_clean
 
     dbirth = sessions[0][1][1]["metrics"]
     assert {"Verdict", "IsNg", "Score", "Threshold", "Seq", "ModelId", "State"} <= set(dbirth)
-    live = [d for k, d in sessions[0] if k == "DDATA"]
-    for d in live[:50]:
+    # Verdicts made before the first connection completes are spooled and replayed as historical (a slow start on
+    # a loaded box does that; it failed CI once): they must be as consistent as the live ones.
+    data0 = [d for k, d in sessions[0] if k == "DDATA"]
+    live = [d for d in data0 if not d["metrics"]["Score"]["historical"]]
+    assert len(live) >= 50
+    for d in data0:
         m = d["metrics"]
         assert m["Verdict"]["value"] in ("OK", "NG") and m["IsNg"]["value"] == (m["Verdict"]["value"] == "NG")
         assert (m["Score"]["value"] >= m["Threshold"]["value"]) == m["IsNg"]["value"]
-        assert not m["Score"]["historical"]
     replay = [d for k, d in sessions[1] if k == "DDATA" and d["metrics"]["Seq"]["historical"]]
     first_live = next(d for k, d in sessions[1] if k == "DDATA" and not d["metrics"]["Seq"]["historical"])
     hseq = [d["metrics"]["Seq"]["value"] for d in replay]
