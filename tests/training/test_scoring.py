@@ -220,22 +220,14 @@ def test_density_knn_exports_to_onnx_with_parity(tmp_path) -> None:
     """The blended head is one ONNX part with the density contract (f1, f2, f3 -> density_map), parity 1e-4."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    from export.onnx_parts import export_torch_part
-
-    class AsTuple(torch.nn.Module):
-        def __init__(self, m: torch.nn.Module) -> None:
-            super().__init__()
-            self.m = m
-
-        def forward(self, *x: torch.Tensor) -> tuple[torch.Tensor]:
-            return (self.m(*x),)
+    from export.onnx_parts import _AsTuple, export_torch_part  # the wrapper the bundle's density part gets
 
     train = _feats(12)
     head = DensityHead(CH, SIZE, dims=6, knn=40).fit(train).fit_knn(train)
     head.set_blend(0.5, (1.0, 2.0), (0.5, 4.0))
     test = _feats(2, seed=4)
     path = tmp_path / "density.onnx"
-    export_torch_part(AsTuple(head).eval(), "density", tuple(test), path)
+    export_torch_part(_AsTuple(head).eval(), "density", tuple(test), path)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {n: t.numpy() for n, t in zip(("f1", "f2", "f3"), test, strict=True)})[0]
     ref = head(*test).detach().numpy()
