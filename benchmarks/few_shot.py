@@ -146,6 +146,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         key = (r["dataset"], str(r["k"]), r["method"])
         if key not in keys:
             keys.append(key)
+    # per dataset: the full-data reference first, then k ascending (a resumed run appends draws out of order)
+    keys.sort(key=lambda t: (t[0], -1 if t[1] == "all" else int(t[1])))
     for d, k, m in keys:
         sel = [r for r in rows if (r["dataset"], str(r["k"]), r["method"]) == (d, k, m)]
         row: dict[str, Any] = {"dataset": d, "k": k, "method": m, "draws": len(sel)}
