@@ -86,6 +86,37 @@ class PadimModel(torch.nn.Module):
         return amap, amap.flatten(1).amax(dim=1)
 
 
+def rd_draw(name: str, root: Path, k: int, seed: int, steps: int, work: Path) -> dict[str, Any]:
+    """Plain RD trained by ``rdedge train``'s own loop on the same K images (student pinned to plain RD, ``steps``
+    optimiser steps, the default selection and density head on the 10% of the K kept aside; K = 1 keeps none, so
+    the RD paper's scoring), evaluated on the full test set like any run."""
+    import shutil
+
+    from training.config import load_train_config
+    from training.evaluate import evaluate
+    from training.fewshot import choose_shots
+    from training.train import fit
+
+    cat = work / f"{name}-k{k}-s{seed}"
+    shutil.rmtree(cat, ignore_errors=True)
+    good = cat / "data" / "train" / "good"
+    good.mkdir(parents=True)
+    for i, src in enumerate(choose_shots(root, k, seed)):  # the same draw as the few-shot rows
+        (good / f"{i:03d}{src.suffix}").symlink_to(src.resolve())
+    overrides = {"data.image_size": SIZE, "model.projection": "identity", "optim.steps": steps,
+                 "optim.batch_size": min(8, k), "seed": seed}  # fmt: skip
+    t0 = time.perf_counter()
+    fit(load_train_config(None, overrides), cat / "data", cat / "run", show_progress=False)
+    fit_s = time.perf_counter() - t0
+    m = evaluate(cat / "run", root, show_progress=False)
+    shutil.rmtree(cat, ignore_errors=True)
+    row = {"dataset": name, "k": k, "seed": seed, "method": "rd", "fit_s": fit_s, "image_auroc": m["image_auroc"]}
+    if m.get("pixel_auroc") is not None:
+        row["pixel_auroc"] = m["pixel_auroc"]
+    log.info("%s k=%d seed %d: rd %.3f", name, k, seed, row["image_auroc"])
+    return row
+
+
 def one_draw(
     name: str, root: Path, ts: dict[str, Any], k: int, seed: int, negatives: str, steps: int | None
 ) -> list[dict[str, Any]]:
@@ -168,7 +199,7 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
     datasets = sorted({r["dataset"] for r in summary})
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.6), squeeze=False)
     for ax, d in zip(axes[0], datasets, strict=True):
-        for m in ("fewshot", "fewshot-frozen", "padim"):
+        for m in ("fewshot", "fewshot-frozen", "padim", "rd"):
             pts = [r for r in summary if r["dataset"] == d and r["method"] == m]
             if pts:
                 ks = [int(r["k"]) for r in pts]
@@ -207,6 +238,9 @@ def main() -> int:
         help="keep every row of an existing few_shot.json and run only the (dataset, k, draw) not in it yet",
     )
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a crowded box)")
+    ap.add_argument("--rd", action="store_true", help="also train plain RD on the same K images (a row 'rd')")
+    ap.add_argument("--rd-steps", type=int, default=200, help="optimiser steps of the 'rd' rows")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/rdedge-bench/few_shot"), help="scratch for 'rd' runs")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -218,7 +252,8 @@ def main() -> int:
         rows = [r for r in json.loads(previous.read_text())["rows"] if r["dataset"] not in args.names]
     if args.resume and previous.is_file():  # every earlier draw; only the missing ones run
         rows = json.loads(previous.read_text())["rows"]
-    done = {(r["dataset"], r["k"], r["seed"]) for r in rows if r.get("k") != "all"}
+    done = {(r["dataset"], r["k"], r["seed"]) for r in rows if r.get("k") != "all" and r["method"] != "rd"}
+    done_rd = {(r["dataset"], r["k"], r["seed"]) for r in rows if r["method"] == "rd"}
     stopped = False
     for name in args.names:
         root = args.datasets / name
@@ -231,9 +266,10 @@ def main() -> int:
                 if args.max_minutes is not None and time.time() - t_start > 60 * args.max_minutes:
                     stopped = True
                     break
-                if (name, k, seed) in done:
-                    continue
-                rows.extend(one_draw(name, root, ts, k, seed, args.negatives, args.steps))
+                if (name, k, seed) not in done:
+                    rows.extend(one_draw(name, root, ts, k, seed, args.negatives, args.steps))
+                if args.rd and (name, k, seed) not in done_rd:
+                    rows.append(rd_draw(name, root, k, seed, args.rd_steps, args.work))
                 write(args, rows, t_start, stopped)  # a killed run keeps every finished draw
             if stopped:
                 break
