@@ -113,7 +113,7 @@ def draw(y: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def run_dataset(ds: dict[str, Any], fracs: list[float], draws: int, cnn_draws: int, cnn_epochs: int) -> list[dict]:
-    from export.label_tune import feature_sets, fit_classifier
+    from export.label_tune import feature_sets, fit_classifier, score_column
     from training.supervised import SupervisedOptions, fit_supervised, predict_proba
 
     rows = []
@@ -135,7 +135,7 @@ def run_dataset(ds: dict[str, Any], fracs: list[float], draws: int, cnn_draws: i
                 ("classifier (map stats only)", slice(x.shape[1] - STAT_DIMS, None), None),
             ):
                 t0 = time.perf_counter()
-                fb = (x.shape[1] - STAT_DIMS, ds["threshold"]) if sets is not None else None  # as label-tune
+                fb = (score_column(x.shape[1]), ds["threshold"]) if sets is not None else None  # as label-tune
                 clf = fit_classifier(x[lab][:, cols], y[lab], "auto", seed, sets, fb)
                 p = clf.predict_proba(x[rest][:, cols])
                 m = metrics(y[rest], p >= 0.5, p)

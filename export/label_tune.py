@@ -253,6 +253,12 @@ def _estimator(name: str, c: float, seed: int) -> Any:
 FeatureSet = tuple[str, Sequence[int]]
 
 
+def score_column(dims: int) -> int:
+    """Column of the anomaly score among ``dims`` part features (the first of :data:`MAP_STATS`, after the
+    embedding)."""
+    return dims - len(MAP_STATS)
+
+
 def feature_sets(dims: int) -> list[FeatureSet]:
     """The nested feature sets ``label-tune`` chooses among, simplest first, for ``dims`` part features.
 
@@ -261,10 +267,9 @@ def feature_sets(dims: int) -> list[FeatureSet]:
     ~180-dim embedding overfits: measured on kolektorsdd it fell below the bare anomaly score
     (``benchmarks/results/few_labels.md``), so the richer sets must earn their place in cross-validation.
     """
-    n_stats = len(MAP_STATS)
-    stats = list(range(dims - n_stats, dims))
-    return [("anomaly score", [dims - n_stats]), ("anomaly-map statistics", stats), ("embedding + map statistics",
-            list(range(dims)))]  # fmt: skip
+    score = score_column(dims)
+    return [("anomaly score", [score]), ("anomaly-map statistics", list(range(score, dims))),
+            ("embedding + map statistics", list(range(dims)))]  # fmt: skip
 
 
 def _auroc_se(auc: float, n_pos: int, n_neg: int) -> float:
@@ -477,9 +482,8 @@ def label_tune(opts: LabelTuneOptions) -> tuple[Path, Manifest]:
             d = describe(module, anomaly, [p for p, _ in items])
         y = np.array([lab for _, lab in items])
         dims = d.features.shape[1]
-        score_col = dims - len(MAP_STATS)  # MAP_STATS[0] is the score
         # The fallback only replaces the automatic choice: a model the user named is fitted as asked.
-        fallback = (score_col, base_manifest.threshold.value) if opts.classifier == "auto" else None
+        fallback = (score_column(dims), base_manifest.threshold.value) if opts.classifier == "auto" else None
         clf = fit_classifier(d.features, y, opts.classifier, opts.seed, feature_sets(dims), fallback)
         set_head(module, clf)
         opset = int(base_manifest.extra.get("opset", 17))

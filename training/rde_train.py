@@ -46,6 +46,7 @@ from training.train import (
     from_unit_rgb,
     resume_from,
     seed_everything,
+    split_paths,
     to_unit_rgb,
     validation_loss,
 )
@@ -240,10 +241,7 @@ def fit_rde(
         expert.load_state_dict(rs.aux["expert"])
     start_step, best_signal, best_step, history = rs.step, rs.best_signal, rs.best_step, rs.history
 
-    split_record = {  # absolute: export and evaluate then work from any working directory
-        "train": [str(s.path.absolute()) for s in train_samples],
-        "val": [str(s.path.absolute()) for s in splits.val],
-    }
+    split_record = split_paths(train_samples, splits.val)
     (out / "split.json").write_text(json.dumps(split_record, indent=1))
     (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     n_t = sum(p.numel() for p in model.teacher.parameters())

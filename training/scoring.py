@@ -252,6 +252,12 @@ class DensityHead(nn.Module):
         self.bank_sq.copy_(chosen.pow(2).sum(1))
         return self
 
+    def drop_knn(self) -> None:
+        """Turn this head into the plain Gaussian head (no bank, raw Mahalanobis output), in place."""
+        for name in ("bank", "bank_sq", "blend"):
+            delattr(self, name)
+        self.knn = 0
+
     def set_blend(self, b: float, gauss_norm: tuple[float, float], knn_norm: tuple[float, float]) -> None:
         """``b``: share of the kNN map; the norms: ``(loc, scale)`` of each map on good validation images."""
         self.blend.copy_(torch.tensor([b, *gauss_norm, *knn_norm], dtype=torch.float32))

@@ -219,14 +219,21 @@ class Selector:
 
     def map_signal(self, amap: Tensor) -> float:
         """The validation signal of one finished map ``(N_good + N_synth, 1, H, W)`` scored by its max."""
-        n_good = len(self.good)
         scores = reduce_map(amap, "max", 0.01).numpy()
-        pixels = amap[:, 0, :: self.stride, :: self.stride].numpy()
-        img = auroc(scores, self.img_labels)
+        return self._signal(scores, amap[:, 0, :: self.stride, :: self.stride].numpy(), {})
+
+    def _signal(self, scores: np.ndarray, pixels: np.ndarray, row: dict[str, Any]) -> float:
+        """The signal of image ``scores`` and strided ``pixels`` (good first); fills ``row`` with the figures."""
+        n_good = len(self.good)
+        row["image_auroc"] = img = auroc(scores, self.img_labels)
         if self.signal_kind == "per_kind":
-            per, _ = self._per_kind(scores[:n_good], scores[n_good:], pixels[:n_good], pixels[n_good:])
+            # Pooled figures are only reported here: pixel AUROC of every defect pixel against the good images'
+            # pixels, from the same sorted negatives (a full sort of every pixel was 2/3 of the evaluation).
+            per, row["pixel_auroc"] = self._per_kind(scores[:n_good], scores[n_good:], pixels[:n_good], pixels[n_good:])
+            row["per_kind"] = per
             return float(np.mean([0.5 * (v["image_auroc"] + v["pixel_auroc"]) for v in per.values()]))
-        return 0.5 * (img + auroc(pixels.ravel(), self.pix_labels))
+        row["pixel_auroc"] = px = auroc(pixels.ravel(), self.pix_labels)
+        return 0.5 * (img + px)
 
     @torch.no_grad()
     def _scale_maps(self, student: nn.Module, fs: FeatureSet, batch: int = 16) -> dict[bool, list[Tensor]]:
@@ -275,19 +282,8 @@ class Selector:
                 recipe = replace(cand, rd_norm=rnorm, density_norm=dnorm)
             scores = reduce_map(amap, cand.reduction, cand.topk).numpy()
             pixels = amap[:, 0, :: self.stride, :: self.stride].numpy()
-            img = auroc(scores, self.img_labels)
-            row: dict[str, Any] = {"recipe": recipe.name(), "image_auroc": img}
-            if self.signal_kind == "per_kind":
-                # Pooled figures are only reported here: pixel AUROC of every defect pixel against the good images'
-                # pixels, from the same sorted negatives (a full sort of every pixel was 2/3 of the evaluation).
-                per, row["pixel_auroc"] = self._per_kind(
-                    scores[:n_good], scores[n_good:], pixels[:n_good], pixels[n_good:]
-                )
-                row["per_kind"] = per
-                signal = float(np.mean([0.5 * (v["image_auroc"] + v["pixel_auroc"]) for v in per.values()]))
-            else:
-                row["pixel_auroc"] = px = auroc(pixels.ravel(), self.pix_labels)
-                signal = 0.5 * (img + px)
+            row: dict[str, Any] = {"recipe": recipe.name()}
+            signal = self._signal(scores, pixels, row)
             row["signal"] = signal
             results.append(row)
             recipes.append(recipe)
@@ -400,8 +396,9 @@ def choose_knn_blend(
     """Set the head's kNN share to the one whose density map alone has the best validation signal.
 
     Both maps are put in units of their spread on the good validation images (median, q99 - median), as the
-    RD / density fusion does; ties keep the smaller share (the Gaussian alone). The validation maps of
-    ``selector`` are recomputed for the chosen head. Returns the record written to ``selection.json``.
+    RD / density fusion does; ties keep the smaller share. Share 0 drops the bank (:meth:`DensityHead.drop_knn`:
+    the plain Gaussian head). The validation maps of ``selector`` are recomputed once for the chosen head. Returns
+    the record written to ``selection.json``.
     """
     if not density.knn:
         raise ValueError("choose_knn_blend needs a head with a kNN memory bank")
@@ -417,13 +414,17 @@ def choose_knn_blend(
     for b in blends[1:]:
         if signals[b] > signals[best] + 1e-9:
             best = b
-    density.set_blend(best, gn, kn)
+    bank = density.knn
+    if best == 0:
+        density.drop_knn()  # the Gaussian alone: no bank in the checkpoint or the bundle
+    else:
+        density.set_blend(best, gn, kn)
     selector.set_density(density)
     record = {
         "rule": "the kNN share whose density map alone has the highest validation signal (ties: the smaller share)",
         "signals": {f"{b:g}": v for b, v in signals.items()},
         "chosen": best,
-        "bank": density.knn,
+        "bank": bank,
         "gauss_norm": list(gn),
         "knn_norm": list(kn),
     }

@@ -209,6 +209,11 @@ class Frozen:
     knn_choice: dict[str, Any] | None = None
 
 
+def split_paths(train: list[Sample], val: list[Sample]) -> dict[str, list[str]]:
+    """``split.json`` / the checkpoint's ``split``: absolute paths, so export and evaluate work from any directory."""
+    return {"train": [str(s.path.absolute()) for s in train], "val": [str(s.path.absolute()) for s in val]}
+
+
 def resolve_device(cfg: TrainConfig, dinfo: DistInfo) -> torch.device:
     """``cfg.device`` on this rank (``cuda:LOCAL_RANK``); ConfigError when CUDA is asked for and absent."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -294,12 +299,6 @@ def prepare(
             from training.selection import choose_knn_blend
 
             frozen.knn_choice = choose_knn_blend(frozen.density, frozen.selector)
-            if frozen.knn_choice["chosen"] == 0:  # the Gaussian alone: no bank in the checkpoint or the bundle
-                plain = DensityHead(spec.channels, size, cfg.selection.density_dims)
-                plain.load_state_dict({k: v for k, v in frozen.density.state_dict().items()
-                                       if k not in ("bank", "bank_sq", "blend")})  # fmt: skip
-                frozen.density = plain
-                frozen.selector.set_density(plain)
         log.info(
             "selection: %d good validation images + %d synthetic defects (%s), %d candidate recipes",
             len(good_fs),
@@ -389,10 +388,7 @@ def fit(
         objective.load_state_dict(rs.aux)
     start_step, best_signal, best_step, history = rs.step, rs.best_signal, rs.best_step, rs.history
 
-    split_record = {  # absolute: export and evaluate then work from any working directory
-        "train": [str(s.path.absolute()) for s in frozen.train_samples],
-        "val": [str(s.path.absolute()) for s in frozen.splits.val],
-    }
+    split_record = split_paths(frozen.train_samples, frozen.splits.val)
     if dinfo.is_main:
         (out / "split.json").write_text(json.dumps(split_record, indent=1))
         (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
