@@ -33,7 +33,7 @@ from training.train import fit
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS: dict[str, dict[str, Any]] = {
-    "rd": {},
+    "rd": {"model.projection": "identity"},  # plain RD alone (the default 'auto' trains RD and RD++)
     "rdpp": {"model.projection": "rdpp"},
     "rde-gated": {"model.objective": "rde", "extra.rde.gii": "gated"},
     "rde-ungated": {"model.objective": "rde", "extra.rde.gii": "ungated"},
