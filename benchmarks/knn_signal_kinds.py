@@ -5,7 +5,9 @@ For each kNN share of the density head (0 = Gaussian alone ... 1 = kNN alone) it
 defect kind, the image and pixel AUROC it is made of, built exactly as a run builds them
 (:func:`training.train.prepare`: same split, synthetic defects, norms and blur). ``--contrast c`` scales every
 synthetic defect's change by ``c`` (``x + c * (defect - x)``): if the synthetic defects were merely too easy (pixel
-AUROC near 1 for every head), softer ones would change the ranking. No test image is read.
+AUROC near 1 for every head), softer ones would change the ranking. ``--centre`` scores shares 0 and 0.5 with and
+without per-image centring (each map minus its own median: ``head_variants.py centre`` measures what it does on
+the test sets). No test image is read.
 
     python benchmarks/knn_signal_kinds.py ../shared/datasets/magnetic_tile 256 --contrast 0.5
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -36,8 +39,8 @@ SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 @torch.no_grad()
-def run(data: Path, px: int, contrast: float, coreset: float = 0.01) -> list[dict]:
-    cfg = load_train_config(None, {"data.image_size": px, "model.projection": "identity"})
+def run(data: Path, px: int, contrast: float, centre: bool = False, coreset: float = 0.01) -> list[dict]:
+    cfg = load_train_config(None, {"data.image_size": px, "model.projection": "identity", "data.max_images": 200})
     teacher = build_model(cfg).eval().teacher
     synthesize = training.synthetic.synthesize
 
@@ -60,12 +63,18 @@ def run(data: Path, px: int, contrast: float, coreset: float = 0.01) -> list[dic
     k = sel.blurred(lambda f1, f2, f3: head.nearest(f2, f3))
     (gl, gs), (kl, ks) = _norm(g[:n_good]), _norm(k[:n_good])
     rows = []
-    for b in SHARES:
+    settings = [(b, c) for b in (0.0, 0.5) for c in (False, True)] if centre else [(b, False) for b in SHARES]
+    for b, c in settings:
         amap = (1 - b) * (g - gl) / gs + b * (k - kl) / ks
+        if c:
+            amap = amap - amap.flatten(1).median(1).values.view(-1, 1, 1, 1)
         fig: dict = {}
         pixels = amap[:, 0, :: sel.stride, :: sel.stride].numpy()
         signal = sel._signal(reduce_map(amap, "max", 0.01).numpy(), pixels, fig)
         row = {"data": data.name, "px": px, "contrast": contrast, "knn_share": b, "signal": round(signal, 4)}
+        row["date"] = time.strftime("%Y-%m-%d")
+        if centre:
+            row["centre"] = c
         row |= {kind: [round(v["image_auroc"], 3), round(v["pixel_auroc"], 3)] for kind, v in fig["per_kind"].items()}
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -77,9 +86,10 @@ def main() -> None:
     ap.add_argument("data", type=Path)
     ap.add_argument("px", type=int, nargs="?", default=128)
     ap.add_argument("--contrast", type=float, default=1.0, help="scale of each synthetic defect's change (1 = as made)")
+    ap.add_argument("--centre", action="store_true", help="shares 0 and 0.5, with and without per-image centring")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    rows = run(args.data, args.px, args.contrast)
+    rows = run(args.data, args.px, args.contrast, args.centre)
     with open(RESULTS / "knn_signal_kinds.jsonl", "a") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)
 
