@@ -130,6 +130,8 @@ def main() -> int:
                     "student": sel.get("projection", {}).get("chosen"),
                     "students": sel.get("projection", {}).get("candidates"),
                     "cache_s": sel["cache_s"],
+                    "knn_share": (sel.get("density_knn") or {}).get("chosen"),
+                    "centre": sel.get("centre"),
                     "wall_s": wall,
                     "images_per_s": float(np.mean([r["images_per_s"] for r in log])),
                     "steps_per_s": float(np.mean([r["steps_per_s"] for r in log])),

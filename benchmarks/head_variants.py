@@ -122,6 +122,10 @@ def run(study: str, data: Path, px: int, ratio: float = 0.01) -> list[dict]:
     return rows
 
 
+def _f(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
 def table() -> None:
     rows = [json.loads(line) for line in (RESULTS / "head_variants.jsonl").read_text().splitlines() if line]
     out = [
@@ -143,8 +147,8 @@ def table() -> None:
     out += ["", "| dataset | px | head | centring | image AUROC | pixel AUROC | AUPRO |"]
     out += ["|---|---|---|---|---|---|---|"]
     out += [
-        f"| {r['data']} | {r['px']} | {r['head']} | {r['centre']} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | "
-        f"{r['aupro']:.3f} |"
+        f"| {r['data']} | {r['px']} | {r['head']} | {r['centre']} | {_f(r['image_auroc'])} | {_f(r['pixel_auroc'])} | "
+        f"{_f(r['aupro'])} |"
         for r in rows
         if "centre" in r
     ]

@@ -249,6 +249,16 @@ def _density_choice(record: dict[str, Any] | None, uses_density: bool) -> dict[s
     }
 
 
+def _centre_choice(record: dict[str, Any] | None) -> dict[str, str]:
+    """Manifest lines for the per-image centring choice (made in training); empty for older runs."""
+    if not record:
+        return {}
+    out = {"scoring.centre": "on" if record["chosen"] else "off", "scoring.centre_rule": str(record["rule"])}
+    if "gain" in record:
+        out["scoring.centre_gain"] = f"{record['gain']:+.4f} (se {record['se']:.4f})"
+    return out
+
+
 def _torch_scores(model: Any, scoring: Any, images: np.ndarray, batch: int = 8) -> np.ndarray:
     return np.concatenate(
         [_torch_chain(model, scoring, images[i : i + batch])["score"] for i in range(0, len(images), batch)]
@@ -388,6 +398,7 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
             **({"scoring.candidates": len(scoring.info["candidates"])} if "candidates" in scoring.info else {}),
             **_student_choice(scoring.info.get("projection")),
             **_density_choice(scoring.info.get("density_knn"), scoring.density is not None),
+            **_centre_choice(scoring.info.get("centre")),
             "parity_tolerance_part_rel": opts.parity_tol,
             "parity_tolerance_score_rel": opts.score_tol,
         }

@@ -93,6 +93,11 @@ class SelectionConfig(_Strict):
         "coreset ratio; the peers use 0.01); the validation signal decides whether the map is blended in "
         "(kNN share 0 or 0.5); 0: the Gaussian alone, no bank",
     )
+    centre: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="subtract each image's own median from its anomaly map; auto: only when the density map's "
+        "validation signal gains more than one bootstrap standard error from it (decided before training)",
+    )
     signal: Literal["per_kind", "pooled"] = Field(
         "per_kind",
         description="per_kind: mean over synthetic defect kinds of (image AUROC + pixel AUROC) / 2, so thin scratches "

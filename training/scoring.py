@@ -11,6 +11,7 @@ Map (all FP32)::
 
     rd(x)   = sum_k w_k * upsample_bilinear(1 - cos_channel(s_k(f_k), s_k(d_k)))     s_k: identity or (x - mu_k) / sd_k
     map(x)  = blur_sigma( (1 - a) * (rd - rd_loc) / rd_scale + a * (dens - d_loc) / d_scale )
+    map(x) -= median(map(x))                       only when the recipe centres (per image, its own median)
     score   = max(map)  or  mean(top 1% of map)
 
 ``rd_loc``/``rd_scale`` and ``d_loc``/``d_scale`` put both maps in units of their spread on defect-free validation
@@ -57,6 +58,8 @@ class ScoreRecipe:
         density_weight: ``a`` above, 0 = RD alone (no density part in the bundle).
         rd_norm: ``(loc, scale)`` of the RD map on good validation pixels (``(0, 1)``: raw units).
         density_norm: ``(loc, scale)`` of the density map on good validation pixels.
+        centre: subtract each image's own median from its map (:func:`centre_map`), chosen per run by
+            :func:`training.selection.choose_centring`.
     """
 
     weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -66,6 +69,7 @@ class ScoreRecipe:
     density_weight: float = 0.0
     rd_norm: tuple[float, float] = (0.0, 1.0)
     density_norm: tuple[float, float] = (0.0, 1.0)
+    centre: bool = False
 
     @property
     def uses_density(self) -> bool:
@@ -78,6 +82,8 @@ class ScoreRecipe:
         parts.append("max" if self.reduction == "max" else f"top{self.topk * 100:g}%")
         if self.uses_density:
             parts.append(f"dens{self.density_weight:g}")
+        if self.centre:
+            parts.append("ctr")
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,6 +101,7 @@ class ScoreRecipe:
             density_weight=float(d["density_weight"]),
             rd_norm=tuple(float(x) for x in d["rd_norm"]),  # type: ignore[arg-type]
             density_norm=tuple(float(x) for x in d["density_norm"]),  # type: ignore[arg-type]
+            centre=bool(d.get("centre", False)),  # checkpoints before 2026-12-03 have no field: not centred
         )
 
 
@@ -334,6 +341,21 @@ def reduce_map(amap: Tensor, reduction: str, topk: float) -> Tensor:
     return torch.topk(flat, k, dim=1).values.mean(dim=1)
 
 
+def centre_map(amap: Tensor, grid: int = 64) -> Tensor:
+    """``(B, 1, H, W)`` maps, each minus its own lower median, taken on every ``s``-th row and column (``s = H //
+    grid``: at most about ``grid x grid`` pixels; the map is blurred, so the subsample loses nothing).
+
+    Why: on parts whose good images differ in overall map level (lighting, texture density), a global threshold sees
+    those offsets as anomalies; a defect that covers less than half of the image leaves the median alone. The median
+    is a ``TopK`` of the smallest half (static ``k`` from the static map size), which ONNX and TensorRT export.
+    """
+    st = max(1, int(amap.shape[-2]) // grid)
+    sub = amap[:, :, ::st, ::st].flatten(1)
+    n = ((int(amap.shape[-2]) + st - 1) // st) * ((int(amap.shape[-1]) + st - 1) // st)
+    med = torch.topk(sub, (n + 1) // 2, dim=1, largest=False).values.amax(dim=1)  # (B,) the lower median
+    return amap - med.view(-1, 1, 1, 1)
+
+
 class AnomalyScorer(nn.Module):
     """``(f1, f2, f3, d1, d2, d3)`` -> ``(anomaly_map (B, 1, H, W), score (B,))`` for a recipe without density.
 
@@ -374,9 +396,14 @@ class AnomalyScorer(nn.Module):
             amap = (amap - loc) / scale
         return amap
 
-    def forward(self, f1: Tensor, f2: Tensor, f3: Tensor, d1: Tensor, d2: Tensor, d3: Tensor) -> tuple[Tensor, Tensor]:
-        amap = self.blur(self.rd_map(f1, f2, f3, d1, d2, d3))
+    def finish(self, amap: Tensor) -> tuple[Tensor, Tensor]:
+        """Blurred map -> ``(map, score)``: centred when the recipe says so, then reduced."""
+        if self.recipe.centre:
+            amap = centre_map(amap)
         return amap, reduce_map(amap, self.recipe.reduction, self.recipe.topk)
+
+    def forward(self, f1: Tensor, f2: Tensor, f3: Tensor, d1: Tensor, d2: Tensor, d3: Tensor) -> tuple[Tensor, Tensor]:
+        return self.finish(self.blur(self.rd_map(f1, f2, f3, d1, d2, d3)))
 
 
 class FusedScorer(AnomalyScorer):
@@ -390,8 +417,7 @@ class FusedScorer(AnomalyScorer):
         loc, scale = r.density_norm
         dens = F.interpolate(density_map.float(), size=self.image_size, mode="bilinear", align_corners=False)
         amap = (1.0 - a) * self.rd_map(f1, f2, f3, d1, d2, d3) + a * (dens - loc) / scale
-        amap = self.blur(amap)
-        return amap, reduce_map(amap, r.reduction, r.topk)
+        return self.finish(self.blur(amap))
 
 
 @dataclass

@@ -207,6 +207,7 @@ class Frozen:
     val_samples: list[Sample] = field(default_factory=list)
     cache_s: float = 0.0
     knn_choice: dict[str, Any] | None = None
+    centre_choice: dict[str, Any] | None = None
 
 
 def split_paths(train: list[Sample], val: list[Sample]) -> dict[str, list[str]]:
@@ -237,7 +238,7 @@ def prepare(
     from training.backbones import get_spec
     from training.features import feature_set, load_readable
     from training.scoring import ChannelStats, DensityHead
-    from training.selection import Selector
+    from training.selection import Selector, choose_centring
     from training.synthetic import synthesize
 
     splits = discover(data, cfg.data.val_fraction, cfg.seed, max_images=cfg.data.max_images)
@@ -299,6 +300,7 @@ def prepare(
             from training.selection import choose_knn_blend
 
             frozen.knn_choice = choose_knn_blend(frozen.density, frozen.selector)
+        frozen.centre_choice = choose_centring(frozen.selector, cfg.selection.centre)
         log.info(
             "selection: %d good validation images + %d synthetic defects (%s), %d candidate recipes",
             len(good_fs),
@@ -491,7 +493,7 @@ def fit(
                 if improved:
                     best_signal, best_step = ev.best_signal, step
                     info = {"signal": ev.best_signal, "step": step, "candidates": ev.results, "tie": ev.tie,
-                            "density_knn": frozen.knn_choice}  # fmt: skip
+                            "density_knn": frozen.knn_choice, "centre": frozen.centre_choice}  # fmt: skip
                     scoring = scoring_state(ev.best, stats, density, info)
                     save_checkpoint(out / BEST, payload(step, scoring))
                 student.train()
@@ -539,6 +541,7 @@ def fit(
             "history": history,
             "paper_recipe": PAPER_RECIPE.name(),
             "density_knn": frozen.knn_choice,
+            "centre": frozen.centre_choice,
         }
         if (out / BEST).is_file():
             best_ckpt = load_checkpoint(out / BEST)

@@ -232,3 +232,54 @@ def test_density_knn_exports_to_onnx_with_parity(tmp_path) -> None:
     got = sess.run(None, {n: t.numpy() for n, t in zip(("f1", "f2", "f3"), test, strict=True)})[0]
     ref = head(*test).detach().numpy()
     assert np.max(np.abs(got - ref)) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 64, 64), (2, 1, 256, 256), (2, 1, 130, 70)])
+def test_centre_map_subtracts_each_images_lower_median_of_its_subsample(shape: tuple[int, ...]) -> None:
+    from training.scoring import centre_map
+
+    g = torch.Generator().manual_seed(0)
+    amap = torch.randn(shape, generator=g) + torch.arange(shape[0]).view(-1, 1, 1, 1) * 10.0  # image offsets
+    st = max(1, shape[2] // 64)
+    med = amap[:, :, ::st, ::st].flatten(1).median(dim=1).values  # torch.median: the lower median
+    torch.testing.assert_close(centre_map(amap), amap - med.view(-1, 1, 1, 1))
+    # A defect on less than half of an image leaves its median where it was.
+    bumped = amap.clone()
+    bumped[0, :, : shape[2] // 4] += 100.0
+    out = centre_map(bumped)
+    torch.testing.assert_close(out[0, :, shape[2] // 4 :], centre_map(amap)[0, :, shape[2] // 4 :], atol=1.0, rtol=0)
+
+
+def test_a_centred_recipe_round_trips_and_older_recipes_are_not_centred() -> None:
+    recipe = replace(ScoreRecipe(density_weight=0.5), centre=True)
+    assert recipe.name().endswith("ctr") and ScoreRecipe.from_dict(recipe.to_dict()) == recipe
+    old = recipe.to_dict()
+    del old["centre"]  # a checkpoint written before the field existed
+    assert ScoreRecipe.from_dict(old).centre is False
+    feats, recon = _feats(2), _recon(_feats(2))
+    plain, _ = AnomalyScorer(SIZE, 4.0, ScoreRecipe())(*feats, *recon)
+    centred, score = AnomalyScorer(SIZE, 4.0, ScoreRecipe(centre=True))(*feats, *recon)
+    shift = plain.flatten(1).median(dim=1).values.view(-1, 1, 1, 1)
+    torch.testing.assert_close(centred, plain - shift)
+    torch.testing.assert_close(score, centred.flatten(1).amax(dim=1))
+
+
+def test_a_centred_fused_score_part_exports_to_onnx_with_parity(tmp_path) -> None:
+    """The median is a TopK with a static k: the score part keeps its contract and parity 1e-4."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from export.onnx_parts import SCORE_WITH_DENSITY_IO, _AsTuple, export_torch_part
+
+    recipe = ScoreRecipe(reduction="topk", density_weight=0.5, rd_norm=(0.1, 0.3), density_norm=(2.0, 5.0), centre=True)
+    scorer = FusedScorer(SIZE, 4.0, recipe).eval()
+    feats = _feats(3, seed=5)
+    ins = (*feats, *_recon(feats), torch.rand(3, 1, SIZE[0] // 8, SIZE[1] // 8) * 20)
+    path = tmp_path / "score.onnx"
+    export_torch_part(_AsTuple(scorer), "score", ins, path, io=SCORE_WITH_DENSITY_IO)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = SCORE_WITH_DENSITY_IO[0]
+    got_map, got_score = sess.run(None, {n: t.numpy() for n, t in zip(names, ins, strict=True)})
+    ref_map, ref_score = (t.detach().numpy() for t in scorer(*ins))
+    scale = max(1.0, float(np.abs(ref_map).max()))
+    assert np.max(np.abs(got_map - ref_map)) <= 1e-4 * scale
+    assert np.max(np.abs(got_score - ref_score)) <= 1e-4 * scale

@@ -284,3 +284,52 @@ def test_knn_share_is_chosen_by_the_density_maps_own_signal(setup: Setup) -> Non
     assert sel.density_maps is not None and torch.allclose(sel.density_maps, sel.blurred(head))
     with pytest.raises(ValueError, match="kNN memory bank"):
         selection.choose_knn_blend(setup.density, sel)
+
+
+@pytest.mark.parametrize("density_weight", [0.0, 0.5])
+def test_a_centred_selector_scores_as_the_built_centred_scorer(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch, density_weight: float
+) -> None:
+    """With centring chosen, every candidate's map is centred and its recipe says so; the shipped scorer agrees."""
+    pin: dict[str, Any] = {"weights": (0.0, 1.0, 1.0), "standardize": False, "reduction": "max"}
+    pin["density_weight"] = density_weight
+    sel = Selector(setup.good, setup.synth, setup.masks, SIZE, SIGMA, setup.stats, setup.density, pin)
+    sel.centre = True
+    seen = _record_fast_path(monkeypatch)
+    ev = sel.evaluate(setup.student)
+    assert ev.best.centre and ev.best.name().endswith("ctr")
+    amap, scores = _scorer_path(setup, ev.best)
+    scale = float(amap.abs().max())
+    torch.testing.assert_close(seen[0][0], amap, rtol=1e-4, atol=1e-4 * scale)
+    torch.testing.assert_close(seen[0][1], scores, rtol=1e-4, atol=1e-6 * scale)
+
+
+def test_centring_is_chosen_only_when_it_gains_more_than_one_standard_error(setup: Setup) -> None:
+    from training.scoring import centre_map
+
+    sel = Selector(setup.good, setup.synth, setup.masks, SIZE, SIGMA, setup.stats, setup.density, kinds=setup.kinds)
+    rec = selection.choose_centring(sel)
+    raw = sel.density_maps
+    assert raw is not None
+    assert rec["gain"] == pytest.approx(sel.map_signal(centre_map(raw)) - sel.map_signal(raw), abs=1e-9)
+    assert rec["chosen"] == (rec["gain"] > rec["se"]) == sel.centre
+    # Built maps: good images at random levels, defects a bump on a flat image. Raw, the levels pass for
+    # anomalies; centred, every defect stands out: centring is chosen. Without the levels nothing is gained.
+    n_good, n = len(setup.good), len(setup.good) + len(setup.synth)
+    g = torch.Generator().manual_seed(0)
+    base = 0.1 * torch.rand(n, 1, *SIZE, generator=g)
+    bumps = torch.zeros(n, 1, *SIZE)
+    bumps[n_good:, 0] = torch.from_numpy(setup.masks).float() * 3.0
+    levels = torch.zeros(n, 1, 1, 1)
+    levels[:n_good] = 5.0 * torch.rand(n_good, 1, 1, 1, generator=g)
+    sel.density_maps = base + bumps + levels
+    assert selection.choose_centring(sel)["chosen"] and sel.centre
+    sel.density_maps = base + bumps
+    assert not selection.choose_centring(sel)["chosen"] and not sel.centre
+    assert selection.choose_centring(sel, "on")["chosen"] and sel.centre
+    assert not selection.choose_centring(sel, "off")["chosen"] and not sel.centre
+    no_dens = Selector(setup.good, setup.synth, setup.masks, SIZE, SIGMA, setup.stats, None, kinds=setup.kinds)
+    assert selection.choose_centring(no_dens) == {"rule": "no density head or no per-kind signal: not centred",
+                                                   "chosen": False}  # fmt: skip
+    with pytest.raises(ValueError, match="selection.centre"):
+        selection.choose_centring(sel, "maybe")
