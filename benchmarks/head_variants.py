@@ -26,13 +26,8 @@ from unittest import mock
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fusion_diagnosis import feats_of
-from head_diagnosis import coreset, head_map, knn_map, pc_embed, spread
+from head_diagnosis import coreset, frozen_features, head_map, knn_map, pc_embed, spread
 
-from training.backbones import get_spec
-from training.build import build_model
-from training.config import load_train_config
-from training.data import discover
 from training.metrics import aupro, auroc
 from training.scoring import Blur, DensityHead
 
@@ -81,15 +76,8 @@ def _row(data: Path, px: int, amap: np.ndarray, masks: np.ndarray, labels: np.nd
 
 @torch.no_grad()
 def run(study: str, data: Path, px: int, ratio: float = 0.01) -> list[dict]:
-    cfg = load_train_config(None, {"data.image_size": px, "model.projection": "identity"})
-    teacher = build_model(cfg).eval().teacher
-    spec = get_spec(cfg.model.backbone)
-    size = (px, px)
-    sp = discover(data, 0.1, 0, need_test=True, max_images=200)
-    tr, _ = feats_of(teacher, sp.train, size, spec, False)
-    va, _ = feats_of(teacher, sp.val, size, spec, False)
-    te, masks = feats_of(teacher, sp.test, size, spec, True)
-    labels = np.array([s.label for s in sp.test])
+    fz = frozen_features(data, px)
+    spec, size, tr, va, te, masks, labels = fz.spec, fz.size, fz.train, fz.val, fz.test, fz.masks, fz.labels
     blur = Blur(size, 4.0)
 
     def up(d: torch.Tensor) -> torch.Tensor:  # (N, 1, H/8, W/8) -> blurred (N, 1, H, W)
