@@ -34,7 +34,8 @@ against 0.709 at 0.75). The RD map alone tests far below any fusion on every set
 far outside the signal's noise. Like the tie break this is a design choice taken once from test-set diagnosis on
 all three sets and said so; it is never tuned per run, and ``density_floor: 0`` restores the full grid. Because
 the upsampling, the blur and the fusion are linear, each scale's map is upsampled and blurred once and every
-candidate is a weighted sum of those: evaluating every candidate costs little more than one.
+candidate is a weighted sum of those: evaluating every candidate costs little more than one. When
+:func:`choose_centring` turned per-image centring on before training, every candidate's map is centred.
 """
 
 from __future__ import annotations
