@@ -25,6 +25,9 @@ def test_density_bundle_has_the_part_and_its_recipe(density_bundle: Path) -> Non
     assert m.extra["scoring.recipe"] == "s[0,0,1] raw top1% dens0.5"
     assert m.parity["density_max_rel"] < 1e-4 and m.parity["calib_score_max_rel"] < 1e-4
     assert "density.fp16.onnx" not in m.files  # distances stay FP32
+    # The centring choice made in training is stated (off here: the recipe name has no "ctr").
+    assert m.extra["scoring.centre"] == "off" and "standard error" in m.extra["scoring.centre_rule"]
+    assert "se " in m.extra["scoring.centre_gain"]
 
 
 def test_runtime_chain_matches_torch_scoring(density_bundle: Path, tmp_path: Path) -> None:
