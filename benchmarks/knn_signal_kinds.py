@@ -30,7 +30,7 @@ import training.synthetic
 from training.backbones import get_spec
 from training.build import build_model
 from training.config import load_train_config
-from training.scoring import DensityHead, reduce_map
+from training.scoring import DensityHead
 from training.selection import _norm
 from training.train import prepare
 
@@ -69,8 +69,7 @@ def run(data: Path, px: int, contrast: float, centre: bool = False, coreset: flo
         if c:
             amap = amap - amap.flatten(1).median(1).values.view(-1, 1, 1, 1)
         fig: dict = {}
-        pixels = amap[:, 0, :: sel.stride, :: sel.stride].numpy()
-        signal = sel._signal(reduce_map(amap, "max", 0.01).numpy(), pixels, fig)
+        signal = sel.map_signal(amap, fig)
         row = {"data": data.name, "px": px, "contrast": contrast, "knn_share": b, "signal": round(signal, 4)}
         row["date"] = time.strftime("%Y-%m-%d")
         if centre:

@@ -220,10 +220,13 @@ class Selector:
             out += [head(*(f[i : i + batch].float() for f in fs.feats)) for i in range(0, len(fs), batch)]
         return self.blur(F.interpolate(torch.cat(out), size=self.image_size, mode="bilinear", align_corners=False))
 
-    def map_signal(self, amap: Tensor) -> float:
-        """The validation signal of one finished map ``(N_good + N_synth, 1, H, W)`` scored by its max."""
-        scores = reduce_map(amap, "max", 0.01).numpy()
-        return self._signal(scores, amap[:, 0, :: self.stride, :: self.stride].numpy(), {})
+    def _scored(self, amap: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """A finished map ``(N_good + N_synth, 1, H, W)`` -> image scores by its max, and its strided pixels."""
+        return reduce_map(amap, "max", 0.01).numpy(), amap[:, 0, :: self.stride, :: self.stride].numpy()
+
+    def map_signal(self, amap: Tensor, row: dict[str, Any] | None = None) -> float:
+        """The validation signal of one finished map scored by its max; ``row`` gets the figures it is made of."""
+        return self._signal(*self._scored(amap), {} if row is None else row)
 
     def _boot_inputs(self, scores: np.ndarray, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """What :meth:`_boot_signal` needs, small: the scores, good pixels thinned 2x2, the defect pixels."""
@@ -235,13 +238,10 @@ class Selector:
         standard error of that paired difference over the validation units."""
         boots, sig = [], []
         for amap in (base, other):
-            scores = reduce_map(amap, "max", 0.01).numpy()
-            pixels = amap[:, 0, :: self.stride, :: self.stride].numpy()
+            scores, pixels = self._scored(amap)
             sig.append(self._signal(scores, pixels, {}))
             boots.append(self._boot_signal(*self._boot_inputs(scores, pixels)))
-        diff = boots[1] - boots[0]
-        se = float(np.nanstd(diff, ddof=1)) if np.isfinite(diff).sum() > 1 else 0.0
-        return sig[1] - sig[0], se
+        return sig[1] - sig[0], _paired_se(boots[1] - boots[0])
 
     def _signal(self, scores: np.ndarray, pixels: np.ndarray, row: dict[str, Any]) -> float:
         """The signal of image ``scores`` and strided ``pixels`` (good first); fills ``row`` with the figures."""
@@ -336,9 +336,7 @@ class Selector:
             results[i]["se_vs_best"] = float("nan")
             if sig[i] < sig[top] - self.TIE_MARGIN:
                 continue
-            diff = ref if i == top else self._boot_signal(*kept[i])
-            diff = diff - ref
-            se = float(np.nanstd(diff, ddof=1)) if np.isfinite(diff).sum() > 1 else 0.0
+            se = _paired_se((ref if i == top else self._boot_signal(*kept[i])) - ref)
             results[i]["se_vs_best"] = se
             if sig[i] >= sig[top] - se - 1e-12:
                 tied.append(i)
@@ -398,6 +396,11 @@ class Selector:
                 "pixel_auroc": _auroc_sorted(neg_px, pos_px),
             }
         return out, _auroc_sorted(neg_px, synth_px[self.synth_masks])
+
+
+def _paired_se(diff: np.ndarray) -> float:
+    """Bootstrap standard error of a paired signal difference ``(B,)`` (NaN resamples left out)."""
+    return float(np.nanstd(diff, ddof=1)) if np.isfinite(diff).sum() > 1 else 0.0
 
 
 def _auroc_sorted(neg_sorted: np.ndarray, pos: np.ndarray) -> float:
