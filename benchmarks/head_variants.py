@@ -7,6 +7,9 @@ magnetic_tile pixel-metric gap, measured with test figures on the frozen lite0 t
   random channels (PaDiM's choice, no PCA), at 32, 64 or 100 dimensions.
 - ``centre``: each image's map minus its own median (or 25th percentile) before scoring, for the Gaussian, the kNN
   head (1% coreset) and their 50/50 blend: a global threshold then no longer sees image-to-image level shifts.
+- ``pool``: each position's Gaussian fitted on the statistics of its ``w x w`` grid neighbourhood
+  (``DensityHead.fit(window=w)``): only the covariance (``cov``: more samples for a 64-dim covariance from ~180
+  images) or mean and covariance (``both``: tolerant of parts that shift between images).
 
     python benchmarks/head_variants.py basis ../shared/datasets/magnetic_tile 256
     python benchmarks/head_variants.py centre ../shared/datasets/kolektorsdd 128
@@ -32,6 +35,8 @@ from training.metrics import aupro, auroc
 from training.scoring import Blur, DensityHead
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SHRINKS = (0.01, 0.1, 0.3, 1.0, "lw")
+POOLS = ((1, "cov"), (3, "cov"), (5, "cov"), (3, "both"), (5, "both"))
 BASES = (("top", 64), ("bottom", 64), ("mixed", 64), ("random", 64), ("top", 100), ("bottom", 32), ("bottom", 100))
 
 
@@ -62,14 +67,19 @@ def _eigh_keeping(mode: str, dims: int, seed: int = 0) -> Callable[[torch.Tensor
     return ordered
 
 
+def _num(v: float) -> float | None:
+    """Rounded, or ``None`` where the set has no masks (NaN is not JSON)."""
+    return None if v is None or not np.isfinite(v) else round(float(v), 4)
+
+
 def _row(data: Path, px: int, amap: np.ndarray, masks: np.ndarray, labels: np.ndarray, **what: object) -> dict:
     return {
         "data": data.name,
         "px": px,
         **what,
-        "image_auroc": round(auroc(amap.reshape(len(amap), -1).max(1), labels), 4),
-        "pixel_auroc": round(auroc(amap[:, ::2, ::2], masks[:, ::2, ::2]), 4),
-        "aupro": round(aupro(amap, masks), 4),
+        "image_auroc": _num(auroc(amap.reshape(len(amap), -1).max(1), labels)),
+        "pixel_auroc": _num(auroc(amap[:, ::2, ::2], masks[:, ::2, ::2])),
+        "aupro": _num(aupro(amap, masks)),
         "date": time.strftime("%Y-%m-%d"),
     }
 
@@ -89,6 +99,24 @@ def run(study: str, data: Path, px: int, ratio: float = 0.01) -> list[dict]:
             with mock.patch("torch.linalg.eigh", _eigh_keeping(mode, dims)):
                 head = DensityHead(spec.channels, size, dims).fit(tr)
             rows.append(_row(data, px, up(head_map(head, te))[:, 0].numpy(), masks, labels, basis=mode, dims=dims))
+            print(rows[-1], flush=True)
+        return rows
+    if study == "shrink":
+        for shrink in SHRINKS:
+            head = DensityHead(spec.channels, size, 64).fit(tr, shrink=shrink)
+            amap = up(head_map(head, te))[:, 0].numpy()
+            rho = getattr(head, "lw_rho", None)
+            extra = {} if rho is None else {"lw_rho_median": round(float(rho.median()), 4)}
+            rows.append(_row(data, px, amap, masks, labels, shrink=shrink, **extra))
+            print(rows[-1], flush=True)
+        return rows
+    if study == "pool":
+        for window, pool in POOLS:
+            t0 = time.perf_counter()
+            head = DensityHead(spec.channels, size, 64).fit(tr, window=window, pool=pool)
+            fit_s = round(time.perf_counter() - t0, 1)
+            amap = up(head_map(head, te))[:, 0].numpy()
+            rows.append(_row(data, px, amap, masks, labels, window=window, pool=pool, fit_s=fit_s))
             print(rows[-1], flush=True)
         return rows
     gauss = DensityHead(spec.channels, size, 64).fit(tr)
@@ -121,7 +149,8 @@ def table() -> None:
         "",
         "`benchmarks/head_variants.py`: frozen lite0 teacher, 200 training images, sigma 4, seed 0. Raw: "
         "head_variants.jsonl. Better peer (256 px): magnetic_tile 0.898 / 0.785 / 0.736, kolektorsdd 0.738 / 0.874 "
-        "/ 0.417. First table: the PCA directions the Gaussian keeps; second: per-image centring of the map.",
+        "/ 0.417. Tables: the PCA directions the Gaussian keeps; per-image centring of the map; pooled "
+        "neighbourhood statistics (`fit(window=w)`); covariance shrinkage.",
         "",
         "| dataset | px | basis | dims | image AUROC | pixel AUROC | AUPRO |",
         "|---|---|---|---|---|---|---|",
@@ -140,12 +169,28 @@ def table() -> None:
         for r in rows
         if "centre" in r
     ]
+    out += ["", "| dataset | px | window | pooled | image AUROC | pixel AUROC | AUPRO | fit s |"]
+    out += ["|---|---|---|---|---|---|---|---|"]
+    out += [
+        f"| {r['data']} | {r['px']} | {r['window']} | {r['pool']} | {_f(r['image_auroc'])} | "
+        f"{_f(r['pixel_auroc'])} | {_f(r['aupro'])} | {r['fit_s']} |"
+        for r in rows
+        if "window" in r
+    ]
+    out += ["", "| dataset | px | shrinkage | image AUROC | pixel AUROC | AUPRO |", "|---|---|---|---|---|---|"]
+    out += [
+        f"| {r['data']} | {r['px']} | {r['shrink']}"
+        + (f" (median rho {r['lw_rho_median']:.3f})" if "lw_rho_median" in r else "")
+        + f" | {_f(r['image_auroc'])} | {_f(r['pixel_auroc'])} | {_f(r['aupro'])} |"
+        for r in rows
+        if "shrink" in r
+    ]
     (RESULTS / "head_variants.md").write_text("\n".join(out) + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("study", choices=("basis", "centre", "table"))
+    ap.add_argument("study", choices=("basis", "centre", "pool", "shrink", "table"))
     ap.add_argument("data", type=Path, nargs="?")
     ap.add_argument("px", type=int, nargs="?", default=128)
     args = ap.parse_args()

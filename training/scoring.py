@@ -270,14 +270,27 @@ class DensityHead(nn.Module):
         self.blend.copy_(torch.tensor([b, *gauss_norm, *knn_norm], dtype=torch.float32))
 
     @torch.no_grad()
-    def fit(self, feats: list[Tensor], batch: int = 8, shrink: float = 0.01) -> DensityHead:
+    def fit(
+        self,
+        feats: list[Tensor],
+        batch: int = 8,
+        shrink: float | Literal["lw"] = 0.01,
+        window: int = 1,
+        pool: str = "cov",
+    ) -> DensityHead:
         """Fit on training features (per scale ``(N, C_k, h, w)``), streaming: memory is one batch of embeddings
         plus ``C x C`` and ``N x dims x P`` accumulators, whatever the teacher's width.
 
         Args:
             feats: the training images' teacher features (RAM or memmap).
             batch: images embedded at a time.
-            shrink: covariance shrinkage ``Sigma + shrink * mean_eigenvalue * I`` (PaDiM adds 0.01 I).
+            shrink: covariance shrinkage ``Sigma + shrink * mean_eigenvalue * I`` (PaDiM adds 0.01 I), or ``"lw"``:
+                ``(1 - rho) Sigma + rho * mean_eigenvalue * I`` with each position's Ledoit-Wolf ``rho``.
+            window: ``w x w`` grid neighbourhood whose statistics each position pools (1: PaDiM, each position
+                alone). With ~200 training images a 64-dim covariance per position rests on few samples; pooling
+                a neighbourhood gives it ``w * w`` times as many.
+            pool: ``cov`` pools only the within-position scatter (each position keeps its own mean), ``both``
+                pools mean and covariance (each position models its whole neighbourhood: tolerant of shifts).
         """
         n = feats[0].shape[0]
 
@@ -301,8 +314,39 @@ class DensityHead(nn.Module):
         mu = y.mean(0)  # (d, P)
         yc = (y - mu).permute(2, 0, 1)  # (P, N, d)
         sig = torch.einsum("pnd,pne->pde", yc, yc) / max(n - 1, 1)
-        eps = shrink * torch.diagonal(sig, dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
-        sig = sig + eps.view(-1, 1, 1) * torch.eye(self.dims, dtype=sig.dtype)
+        if window > 1:
+            if pool not in ("cov", "both"):
+                raise ValueError(f"pool must be 'cov' or 'both', got {pool!r}")
+            gh, gw = self.grid
+
+            def box(x: Tensor) -> Tensor:  # (P, ...) -> the same, each position the mean of its w x w neighbours
+                shape = x.shape
+                g = x.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+                g = F.avg_pool2d(g, window, stride=1, padding=window // 2, count_include_pad=False)
+                return g.permute(0, 2, 3, 1).reshape(shape)
+
+            if pool == "cov":
+                sig = box(sig)
+            else:  # pooled second moment minus the pooled mean's outer product
+                m = mu.T  # (P, d)
+                second = box(sig * (n - 1) / n + torch.einsum("pd,pe->pde", m, m))
+                m = box(m)
+                sig = (second - torch.einsum("pd,pe->pde", m, m)) * n / max(n - 1, 1)
+                mu = m.T.contiguous()
+        eye = torch.eye(self.dims, dtype=sig.dtype)
+        if shrink == "lw":  # Ledoit-Wolf (2004): the shrinkage towards mu * I that the samples themselves call for
+            if window > 1:
+                raise ValueError("shrink='lw' needs window=1 (the pooled covariance has no single sample set)")
+            ml = sig * (n - 1) / n  # (P, d, d)
+            mu_s = torch.diagonal(ml, dim1=1, dim2=2).mean(dim=1)  # (P,)
+            delta = (ml - mu_s.view(-1, 1, 1) * eye).pow(2).sum(dim=(1, 2))
+            beta = (yc.pow(2).sum(dim=2).pow(2).sum(dim=1) - n * ml.pow(2).sum(dim=(1, 2))) / n**2
+            rho = (beta / delta.clamp_min(1e-30)).clamp(0.0, 1.0).view(-1, 1, 1)
+            self.lw_rho = rho.flatten().float()  # for diagnosis; not a buffer (the bundle does not need it)
+            sig = (1.0 - rho) * ml + rho * mu_s.view(-1, 1, 1) * eye
+        else:
+            eps = float(shrink) * torch.diagonal(sig, dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
+            sig = sig + eps.view(-1, 1, 1) * eye
         prec = torch.linalg.inv(sig)
         prec = 0.5 * (prec + prec.transpose(1, 2))
         chol = torch.linalg.cholesky(prec)

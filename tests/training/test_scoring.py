@@ -88,6 +88,56 @@ def test_density_head_is_the_mahalanobis_distance_of_its_own_gaussian() -> None:
         np.testing.assert_allclose(got[:, p], want, rtol=1e-3)
 
 
+@pytest.mark.parametrize("pool", ["cov", "both"])
+def test_pooled_density_head_is_the_gaussian_of_the_neighbourhood_samples(pool: str) -> None:
+    """``window=3``: rebuild an interior and a corner position's Gaussian from its neighbours' samples in numpy."""
+    train = _feats(30)
+    head = DensityHead(CH, SIZE, dims=5).fit(train, shrink=0.01, window=3, pool=pool)
+    plain = DensityHead(CH, SIZE, dims=5).fit(train, shrink=0.01)
+    np.testing.assert_allclose(head.basis.numpy(), plain.basis.numpy(), atol=1e-6)  # the PCA is global: unchanged
+    basis, center = head.basis.double().numpy(), head.center.double().numpy()
+    y = np.einsum("dc,ncp->ndp", basis, head.embed(*train).double().numpy() - center).reshape(30, 5, 8, 8)
+    test = _feats(3, seed=4)
+    got = head(*test)[:, 0].double().numpy()  # (B, 8, 8)
+    yt = np.einsum("dc,bcp->bdp", basis, head.embed(*test).double().numpy() - center).reshape(3, 5, 8, 8)
+    for i, j in ((4, 5), (0, 0)):
+        hood = [(a, b) for a in range(i - 1, i + 2) for b in range(j - 1, j + 2) if 0 <= a < 8 and 0 <= b < 8]
+        if pool == "cov":  # each neighbour's own scatter, averaged; the position keeps its own mean
+            cov = np.mean([np.cov(y[:, :, a, b].T) for a, b in hood], axis=0)
+            mean = y[:, :, i, j].mean(0)
+        else:  # every neighbour's samples as one set
+            samples = np.concatenate([y[:, :, a, b] for a, b in hood])
+            mean = samples.mean(0)
+            cov = np.cov(samples.T, bias=True) * 30 / 29
+        cov += 0.01 * np.mean(np.diag(cov)) * np.eye(5)
+        diff = yt[:, :, i, j] - mean
+        want = np.sqrt(np.einsum("bd,de,be->b", diff, np.linalg.inv(cov), diff))
+        np.testing.assert_allclose(got[:, i, j], want, rtol=1e-3)
+    assert not np.allclose(got, plain(*test)[:, 0].numpy(), rtol=1e-2)  # pooling changed the map
+    with pytest.raises(ValueError, match="pool"):
+        DensityHead(CH, SIZE, dims=5).fit(train, window=3, pool="mean")
+
+
+def test_ledoit_wolf_shrinkage_matches_scikit_learn() -> None:
+    from sklearn.covariance import ledoit_wolf
+
+    train = _feats(25)
+    head = DensityHead(CH, SIZE, dims=6).fit(train, shrink="lw")
+    basis, center = head.basis.double().numpy(), head.center.double().numpy()
+    y = np.einsum("dc,ncp->ndp", basis, head.embed(*train).double().numpy() - center)  # (N, d, P)
+    test = _feats(3, seed=8)
+    got = head(*test).flatten(1).double().numpy()
+    yt = np.einsum("dc,bcp->bdp", basis, head.embed(*test).double().numpy() - center)
+    for p in (0, 40):
+        cov, rho = ledoit_wolf(y[:, :, p])
+        assert abs(float(head.lw_rho[p]) - rho) < 1e-4
+        diff = yt[:, :, p] - y[:, :, p].mean(0)
+        want = np.sqrt(np.einsum("bd,de,be->b", diff, np.linalg.inv(cov), diff))
+        np.testing.assert_allclose(got[:, p], want, rtol=1e-3)
+    with pytest.raises(ValueError, match="window=1"):
+        DensityHead(CH, SIZE, dims=6).fit(train, shrink="lw", window=3)
+
+
 @pytest.mark.parametrize("size", [(64, 64), (32, 48)])
 def test_paper_recipe_is_the_rd_formula(size: tuple[int, int]) -> None:
     feats = _feats(2, size)
