@@ -103,8 +103,10 @@ def check_no_aux(model: Any, ckpt: dict[str, Any]) -> None:
 
 def calibration_set(ckpt: dict[str, Any], cfg: Any, calib_data: Path | None) -> CalibrationSet:
     """Resolve the threshold images: ``--calib-data`` (MVTec category -> its validation split, or a folder of good
-    images), else the validation files the training run kept aside (``ckpt["split"]["val"]``)."""
-    from training.data import discover, list_images
+    images), else the validation files the training run kept aside (``ckpt["split"]["val"]``) and the train/good
+    images its ``max_images`` left out (``ckpt["split"]["unused"]``), at most
+    :data:`training.data.CALIB_MAX_IMAGES` in all."""
+    from training.data import calibration_samples, discover, list_images
 
     if calib_data is not None:
         calib_data = Path(calib_data)
@@ -134,7 +136,18 @@ def calibration_set(ckpt: dict[str, Any], cfg: Any, calib_data: Path | None) -> 
             f"validation image {missing[0]} recorded by the training run is missing ({len(missing)} of {len(val)}); "
             "run export where the training data is, or pass --calib-data DIR"
         )
-    out = CalibrationSet(val, f"validation split kept aside by training (train/good, n={len(val)})")
+    unused = [Path(p) for p in (ckpt.get("split") or {}).get("unused", [])]
+    gone = [p for p in unused if not p.is_file()]
+    if gone:
+        raise ExportError(
+            f"train/good image {gone[0]} that training left out (max_images) is missing ({len(gone)} of "
+            f"{len(unused)}); run export where the training data is, or pass --calib-data DIR"
+        )
+    good = calibration_samples(val, unused)
+    source = f"validation split kept aside by training (train/good, n={len(val)})"
+    if len(good) > len(val):
+        source += f" + train/good images training left out (max_images, n={len(good) - len(val)})"
+    out = CalibrationSet(good, source)
     root = val[0].parent.parent.parent
     if val[0].parent.name == "good" and val[0].parent.parent.name == "train" and (root / "test").is_dir():
         splits = discover(root, cfg.data.val_fraction, cfg.seed)
@@ -424,6 +437,15 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
             color="rgb", interpolation="linear", scale=1.0 / 255.0, mean=list(spec.mean), std=list(spec.std)
         )
         thr = calibrate_threshold(ort_scores, opts.target_far)
+        confirmed = thr.stats["val_far_upper_95"]
+        if confirmed > 2 * opts.target_far:
+            log.warning(
+                "the threshold rests on %d defect-free images: they confirm a false-alarm rate of at most %.1f%% "
+                "(95%%), not the %.1f%% target. Defect-free scores are heavy-tailed; pass --calib-data with at least "
+                "%d defect-free images of the part",
+                len(ort_scores), 100 * confirmed, 100 * opts.target_far,
+                int(np.ceil(np.log(0.05) / np.log(1 - opts.target_far))),
+            )  # fmt: skip
         lab_images = labels = lab_scores = None
         if calib.labelled:  # scored once by the FP32 chain: the F1 threshold below and the int8 AUROC use it
             lab_images = load_images([p for p, _ in calib.labelled], size, spec.mean, spec.std)
@@ -454,8 +476,9 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
             )
         threshold = ThresholdSpec(
             value=float(thr.value),
-            rule=f"quantile+margin: Q_{q:g}(good) + {thr.margin:g} * (Q_{q:g}(good) - median(good)), "
-            f"target false-alarm rate {opts.target_far:g}, scores from the exported ONNX chain (onnxruntime)",
+            rule=f"{thr.rule}: max(Q_{q:g}(good) + {thr.margin:g} * (Q_{q:g}(good) - median(good)), "
+            f"mean + t_{q:g},n-1 * sd * sqrt(1 + 1/n)), target false-alarm rate {opts.target_far:g}, scores from "
+            "the exported ONNX chain (onnxruntime)",
             source=calib.source,
             stats={**thr.stats, "target_false_alarm_rate": opts.target_far, "margin": thr.margin},
             f1_optimal=f1,

@@ -47,7 +47,11 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--epochs", type=int, help="passes over the training images instead of --steps")
     p.add_argument("--image-size", type=int, help="square input side, multiple of 32 (default 256)")
     p.add_argument("--batch-size", type=int, help="images per step (default 8)")
-    p.add_argument("--max-images", type=int, help="use at most N train/good images, chosen evenly (default all)")
+    p.add_argument(
+        "--max-images",
+        type=int,
+        help="train on at most N train/good images, chosen evenly (default all); the rest help set the threshold",
+    )
     p.add_argument("--lr", type=float, help="Adam learning rate (default 0.005)")
     p.add_argument("--max-minutes", type=float, help="stop at the first evaluation past this wall time")
     p.add_argument(

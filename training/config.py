@@ -24,7 +24,10 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of train/good kept aside for validation")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     max_images: int | None = Field(
-        None, ge=2, description="use at most this many train/good images, chosen evenly from the sorted list"
+        None,
+        ge=2,
+        description="use at most this many train/good images, chosen evenly from the sorted list (the rest only help "
+        "set the threshold)",
     )
     cache_limit_mb: float = Field(
         2048.0, gt=0, description="teacher features cached in RAM up to this size, in memmap files in the run past it"

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from training.build import load_model
-from training.data import ImageDataset, Sample, discover
+from training.data import ImageDataset, Sample, calibration_samples, discover
 from training.metrics import aupro, auroc, f1_max
 from training.model import ReverseDistillation
 from training.scoring import Scoring, build_scoring
@@ -160,9 +160,14 @@ def evaluate(
     metrics = compute_metrics(test)
     labels = np.array([s.label for s in test.samples])
     if splits.val:
-        val = predict(model, scoring, splits.val, size, spec.mean, spec.std, dev, batch_size, keep_maps=False)
+        good = calibration_samples(splits.val, splits.unused)
+        val = predict(model, scoring, good, size, spec.mean, spec.std, dev, batch_size, keep_maps=False)
         thr = calibrate_threshold(val.scores)
-        metrics["validation_threshold"] = thr.to_dict()
+        metrics["validation_threshold"] = {
+            **thr.to_dict(),
+            "source": f"validation split (n={len(splits.val)}) + train/good images max_images left out "
+            f"(n={len(good) - len(splits.val)})",
+        }
         metrics["at_validation_threshold"] = operating_point(test.scores, labels, thr.value)
     metrics["run"] = str(run)
     metrics["data"] = str(data)

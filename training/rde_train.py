@@ -241,7 +241,7 @@ def fit_rde(
         expert.load_state_dict(rs.aux["expert"])
     start_step, best_signal, best_step, history = rs.step, rs.best_signal, rs.best_step, rs.history
 
-    split_record = split_paths(train_samples, splits.val)
+    split_record = split_paths(train_samples, splits.val, splits.unused)
     (out / "split.json").write_text(json.dumps(split_record, indent=1))
     (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     n_t = sum(p.numel() for p in model.teacher.parameters())

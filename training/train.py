@@ -210,9 +210,12 @@ class Frozen:
     centre_choice: dict[str, Any] | None = None
 
 
-def split_paths(train: list[Sample], val: list[Sample]) -> dict[str, list[str]]:
-    """``split.json`` / the checkpoint's ``split``: absolute paths, so export and evaluate work from any directory."""
-    return {"train": [str(s.path.absolute()) for s in train], "val": [str(s.path.absolute()) for s in val]}
+def split_paths(train: list[Sample], val: list[Sample], unused: list[Sample] | None = None) -> dict[str, list[str]]:
+    """``split.json`` / the checkpoint's ``split``: absolute paths, so export and evaluate work from any directory.
+    ``unused``: the train/good images ``max_images`` left out (threshold calibration only)."""
+    out = {"train": [str(s.path.absolute()) for s in train], "val": [str(s.path.absolute()) for s in val]}
+    out["unused"] = [str(s.path.absolute()) for s in unused or []]
+    return out
 
 
 def resolve_device(cfg: TrainConfig, dinfo: DistInfo) -> torch.device:
@@ -390,7 +393,7 @@ def fit(
         objective.load_state_dict(rs.aux)
     start_step, best_signal, best_step, history = rs.step, rs.best_signal, rs.best_step, rs.history
 
-    split_record = split_paths(frozen.train_samples, frozen.splits.val)
+    split_record = split_paths(frozen.train_samples, frozen.splits.val, frozen.splits.unused)
     if dinfo.is_main:
         (out / "split.json").write_text(json.dumps(split_record, indent=1))
         (out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))

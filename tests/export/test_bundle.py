@@ -36,7 +36,7 @@ def test_manifest_validates_and_follows_the_contract(exported_bundle: Path) -> N
     assert m.preprocess.mean == list(spec.mean) and m.preprocess.std == list(spec.std)
     assert (m.preprocess.color, m.preprocess.interpolation, m.input.height) == ("rgb", "linear", 64)
     assert re.fullmatch(r"rd-efficientnet_lite0-[0-9a-f]{8}", m.model_id)
-    assert m.threshold.rule.startswith("quantile+margin") and "validation" in m.threshold.source
+    assert m.threshold.rule.startswith("max-of-both") and "validation" in m.threshold.source
     assert m.threshold.stats["n"] == 4 and m.threshold.value >= m.threshold.stats["median"]
     assert m.threshold.f1_optimal is not None and 0 <= m.threshold.f1_optimal["recall"] <= 1
     for key in ("teacher_max_rel", "score_max_abs", "fused_max_rel", "calib_score_max_rel", "fp16_score_max_rel"):
@@ -127,3 +127,27 @@ def test_check_no_aux_refuses_shared_keys() -> None:
         check_no_aux(model, {"model": sd, "aux": {"0": {"weight": torch.zeros(1)}}})
     with pytest.raises(ExportError, match="not in the checkpoint"):
         check_no_aux(model, {"model": {}, "aux": None})
+
+
+def test_threshold_images_are_the_validation_split_then_the_images_max_images_left_out(
+    tiny_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The default calibration set: ``split.val`` and ``split.unused`` of the checkpoint; a missing one is named."""
+    from export.errors import ExportError
+    from export.pipeline import calibration_set
+    from training.config import load_train_config
+
+    run, category = tiny_run
+    ckpt = torch.load(run / "checkpoint_best.pt", map_location="cpu", weights_only=True)
+    cfg = load_train_config(None, {})
+    val = [Path(p) for p in ckpt["split"]["val"]]
+    unused = sorted((category / "test" / "good").iterdir())  # stand-ins: real defect-free files the run never saw
+    ckpt["split"]["unused"] = [str(p) for p in unused]
+    calib = calibration_set(ckpt, cfg, None)
+    assert calib.good == [*val, *unused]
+    assert f"n={len(val)}" in calib.source and f"left out (max_images, n={len(unused)})" in calib.source
+    ckpt["split"]["unused"].append(str(tmp_path / "gone.png"))
+    with pytest.raises(ExportError, match="gone.png"):
+        calibration_set(ckpt, cfg, None)
+    del ckpt["split"]["unused"]  # checkpoints from before 2026-12-03: the validation split alone
+    assert calibration_set(ckpt, cfg, None).good == val

@@ -109,3 +109,18 @@ def test_demo_data_is_deterministic_with_exact_masks(tmp_path: Path) -> None:
     for d in ("scratch", "spot", "crack", "missing"):
         m = cv2.imread(str(a / "ground_truth" / d / "000_mask.png"), cv2.IMREAD_GRAYSCALE)
         assert m.shape == (48, 48) and set(np.unique(m)) <= {0, 255} and (m > 0).any(), d
+
+
+def test_max_images_leaves_the_rest_for_threshold_calibration(category: Path) -> None:
+    from training.data import calibration_samples
+
+    full = discover(category, val_fraction=0.2, seed=0)
+    s = discover(category, val_fraction=0.2, seed=0, max_images=6)
+    kept = {x.path for x in s.train + s.val}
+    assert len(kept) == 6 and full.unused == []
+    assert {x.path for x in s.unused} == {x.path for x in full.train + full.val} - kept  # the other 4, no overlap
+    good = calibration_samples(s.val, s.unused)
+    assert good[: len(s.val)] == s.val and good[len(s.val) :] == s.unused  # validation first, then every unused
+    capped = calibration_samples(s.val, s.unused, limit=len(s.val) + 2)
+    assert capped[len(s.val) :] == [s.unused[0], s.unused[-1]]  # evenly chosen: both ends
+    assert calibration_samples(s.val, s.unused, limit=1) == s.val  # the validation images are always kept
