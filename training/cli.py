@@ -173,10 +173,17 @@ def evaluate_command(args: argparse.Namespace) -> int:
     print(format_table(metrics))
     op = metrics.get("at_validation_threshold")
     if op:
+        thr = metrics.get("validation_threshold", {})
+        stats = thr.get("stats", {})
         print(
-            f"validation threshold {op['threshold']:.5f}: test false-alarm rate {op['false_alarm_rate']:.3f}, "
-            f"recall {op['recall']:.3f}, precision {op['precision']:.3f}"
+            f"threshold {op['threshold']:.5f} from {thr.get('source', 'the validation split')}: test false-alarm "
+            f"rate {op['false_alarm_rate']:.3f}, recall {op['recall']:.3f}, precision {op['precision']:.3f}"
         )
+        if "val_far_upper_95" in stats:
+            print(
+                f"  {int(stats['n'])} defect-free images confirm a false-alarm rate of at most "
+                f"{100 * stats['val_far_upper_95']:.1f}% (95%); the target is {100 * thr['target_false_alarm_rate']:g}%"
+            )
     if args.report:
         print(f"report: {Path(args.report) / 'index.html'}")
     if args.json:

@@ -111,10 +111,19 @@ def write_report(
         for n, m in rows
     )
     op = metrics.get("at_validation_threshold")
+    vt = metrics.get("validation_threshold", {})
+    bound = vt.get("stats", {}).get("val_far_upper_95")
     op_html = (
-        f"<p>At the threshold set from defect-free validation images only ({fmt(op['threshold'])}): "
+        f"<p>At the threshold set from defect-free images only ({fmt(op['threshold'])}, "
+        f"{html.escape(str(vt.get('source', 'validation split')))}): "
         f"false-alarm rate {fmt(op['false_alarm_rate'])}, recall {fmt(op['recall'])}, "
-        f"precision {fmt(op['precision'])} on the test set.</p>"
+        f"precision {fmt(op['precision'])} on the test set."
+        + (
+            f" Those defect-free images confirm a false-alarm rate of at most {100 * bound:.1f}% (95% confidence)."
+            if bound is not None
+            else ""
+        )
+        + "</p>"
         if op
         else ""
     )

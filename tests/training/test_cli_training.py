@@ -53,8 +53,14 @@ def test_make_demo_data_train_evaluate_report(tmp_path: Path) -> None:
     for k in ("image_auroc", "image_f1_max", "pixel_auroc", "aupro", "per_defect", "at_validation_threshold"):
         assert k in m
     assert set(m["per_defect"]) == {"crack", "missing", "scratch", "spot"}
+    n_val = int(m["validation_threshold"]["stats"]["n"])
+    assert (
+        m["validation_threshold"]["rule"] == "max-of-both" and "validation split" in m["validation_threshold"]["source"]
+    )
+    assert f"{n_val} defect-free images confirm a false-alarm rate of at most" in p.stdout  # 20 or fewer: > 13%
     rep = tmp_path / "rep"
     html = (rep / "index.html").read_text()
+    assert "confirm a false-alarm rate of at most" in html
     for f in ("roc.png", "histogram.png"):
         assert (rep / f).stat().st_size > 1000 and f in html
     assert list((rep / "overlays").glob("*.png")) and "overlays/" in html
