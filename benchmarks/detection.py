@@ -121,6 +121,10 @@ def main() -> int:
                     **{k: m.get(k) for k in METRICS},
                     "per_defect": m["per_defect"],
                     "at_validation_threshold": m.get("at_validation_threshold"),
+                    "threshold_source": m.get("validation_threshold", {}).get("source"),
+                    "threshold_far_upper_95": m.get("validation_threshold", {})
+                    .get("stats", {})
+                    .get("val_far_upper_95"),
                     "recipe": m["recipe"],
                     "best_step": sel["best_step"],
                     "signal": sel["best_signal"],
