@@ -68,7 +68,7 @@ def run_one(run: Path, data: Path, target: float) -> dict[str, Any]:
     t0 = time.perf_counter()
     s = _scores(run, data)
     row: dict[str, Any] = {
-        "run": run.name,
+        "run": f"{run.parent.name}/{run.name}",  # benchmark tag / run: the same seed under two tags stays apart
         "data": data.name,
         "n": {k: int(v.size) for k, v in s.items()},
         "median": {k: round(float(np.median(v)), 4) for k, v in s.items()},
