@@ -152,39 +152,28 @@ def table() -> None:
         "/ 0.417. Tables: the PCA directions the Gaussian keeps; per-image centring of the map; pooled "
         "neighbourhood statistics (`fit(window=w)`); covariance shrinkage.",
         "",
-        "| dataset | px | basis | dims | image AUROC | pixel AUROC | AUPRO |",
-        "|---|---|---|---|---|---|---|",
     ]
-    out += [
-        f"| {r['data']} | {r['px']} | {r['basis']} | {r['dims']} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | "
-        f"{r['aupro']:.3f} |"
-        for r in rows
-        if "basis" in r
+    sections: list[tuple[str, str, Callable[[dict], list[object]]]] = [
+        ("basis", "basis | dims", lambda r: [r["basis"], r["dims"]]),
+        ("centre", "head | centring", lambda r: [r["head"], r["centre"]]),
+        ("window", "window | pooled", lambda r: [r["window"], r["pool"]]),
+        (
+            "shrink",
+            "shrinkage",
+            lambda r: [str(r["shrink"]) + (f" (median rho {r['lw_rho_median']:.3f})" if "lw_rho_median" in r else "")],
+        ),
     ]
-    out += ["", "| dataset | px | head | centring | image AUROC | pixel AUROC | AUPRO |"]
-    out += ["|---|---|---|---|---|---|---|"]
-    out += [
-        f"| {r['data']} | {r['px']} | {r['head']} | {r['centre']} | {_f(r['image_auroc'])} | {_f(r['pixel_auroc'])} | "
-        f"{_f(r['aupro'])} |"
-        for r in rows
-        if "centre" in r
-    ]
-    out += ["", "| dataset | px | window | pooled | image AUROC | pixel AUROC | AUPRO | fit s |"]
-    out += ["|---|---|---|---|---|---|---|---|"]
-    out += [
-        f"| {r['data']} | {r['px']} | {r['window']} | {r['pool']} | {_f(r['image_auroc'])} | "
-        f"{_f(r['pixel_auroc'])} | {_f(r['aupro'])} | {r['fit_s']} |"
-        for r in rows
-        if "window" in r
-    ]
-    out += ["", "| dataset | px | shrinkage | image AUROC | pixel AUROC | AUPRO |", "|---|---|---|---|---|---|"]
-    out += [
-        f"| {r['data']} | {r['px']} | {r['shrink']}"
-        + (f" (median rho {r['lw_rho_median']:.3f})" if "lw_rho_median" in r else "")
-        + f" | {_f(r['image_auroc'])} | {_f(r['pixel_auroc'])} | {_f(r['aupro'])} |"
-        for r in rows
-        if "shrink" in r
-    ]
+    for key, head, cells in sections:
+        n = head.count("|") + 1
+        out += [f"| dataset | px | {head} | image AUROC | pixel AUROC | AUPRO |", "|---" * (n + 5) + "|"]
+        out += [
+            "| "
+            + " | ".join(str(c) for c in [r["data"], r["px"], *cells(r)])
+            + f" | {_f(r['image_auroc'])} | {_f(r['pixel_auroc'])} | {_f(r['aupro'])} |"
+            for r in rows
+            if key in r
+        ]
+        out.append("")
     (RESULTS / "head_variants.md").write_text("\n".join(out) + "\n")
 
 
