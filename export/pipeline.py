@@ -208,10 +208,10 @@ def write_calibration_frames(
 
     from export import parity
     from runtime.preprocess import Preprocessor
-    from training.data import read_image
+    from training.data import evenly, read_image
 
     order = np.argsort(scores, kind="stable")
-    idx = sorted({int(order[i]) for i in np.linspace(0, len(order) - 1, min(n, len(order))).round().astype(int)})
+    idx = sorted(int(order[i]) for i in evenly(len(order), n))
     size = (input_spec.width, input_spec.height)
     frames = np.stack([cv2.resize(read_image(paths[i]), size, interpolation=cv2.INTER_LINEAR) for i in idx])
     pre = Preprocessor(preprocess, input_spec)
@@ -230,12 +230,14 @@ def int8_calibration_images(ckpt: dict[str, Any], calib: CalibrationSet, n: int)
     """Defect-free images for the INT8 activation ranges: ``n`` of the run's training images spread evenly over the
     list (``ckpt["split"]["train"]``, train/good) when they are on disk, else the threshold images; and a description.
     """
+    from training.data import evenly
+
     train = [Path(p) for p in (ckpt.get("split") or {}).get("train", [])]
     if train and all(p.is_file() for p in train):
         pool, what = train, "training images (train/good)"
     else:
         pool, what = list(calib.good), f"threshold images ({calib.source}; the run's training images are not here)"
-    idx = sorted({int(i) for i in np.linspace(0, len(pool) - 1, min(n, len(pool))).round()})
+    idx = evenly(len(pool), n)
     return [pool[i] for i in idx], f"{len(idx)} of the {len(pool)} {what}, spread evenly over the list"
 
 
@@ -294,7 +296,7 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
     from training.backbones import get_spec
     from training.build import load_model
     from training.rde import takes_teacher
-    from training.threshold import calibrate_threshold, f1_optimal
+    from training.threshold import calibrate_threshold, describe_rule, f1_optimal, images_to_confirm
 
     onnx_parts.check_opset(opts.opset)
     out = Path(opts.out)
@@ -444,7 +446,7 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
                 "(95%%), not the %.1f%% target. Defect-free scores are heavy-tailed; pass --calib-data with at least "
                 "%d defect-free images of the part",
                 len(ort_scores), 100 * confirmed, 100 * opts.target_far,
-                int(np.ceil(np.log(0.05) / np.log(1 - opts.target_far))),
+                images_to_confirm(opts.target_far),
             )  # fmt: skip
         lab_images = labels = lab_scores = None
         if calib.labelled:  # scored once by the FP32 chain: the F1 threshold below and the int8 AUROC use it
@@ -476,9 +478,8 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
             )
         threshold = ThresholdSpec(
             value=float(thr.value),
-            rule=f"{thr.rule}: max(Q_{q:g}(good) + {thr.margin:g} * (Q_{q:g}(good) - median(good)), "
-            f"mean + t_{q:g},n-1 * sd * sqrt(1 + 1/n)), target false-alarm rate {opts.target_far:g}, scores from "
-            "the exported ONNX chain (onnxruntime)",
+            rule=f"{describe_rule(thr.rule, q, thr.margin)}, target false-alarm rate {opts.target_far:g}, scores "
+            "from the exported ONNX chain (onnxruntime)",
             source=calib.source,
             stats={**thr.stats, "target_false_alarm_rate": opts.target_far, "margin": thr.margin},
             f1_optimal=f1,

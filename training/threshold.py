@@ -66,6 +66,24 @@ def far_upper_bound(alarms: int, n: int, confidence: float = 0.95) -> float:
     return 1.0 if alarms >= n else float(beta.ppf(confidence, alarms + 1, n - alarms))
 
 
+def images_to_confirm(far: float, confidence: float = 0.95) -> int:
+    """How many defect-free images without a single alarm confirm a false-alarm rate of ``far`` at ``confidence``:
+    ``ceil(ln(1 - confidence) / ln(1 - far))`` (299 for 1% at 95%; :func:`far_upper_bound` the other way round)."""
+    if not 0.0 < far < 1.0:
+        raise ValueError(f"false-alarm rate must be in (0, 1), got {far}")
+    return int(np.ceil(np.log(1.0 - confidence) / np.log(1.0 - far)))
+
+
+def describe_rule(rule: str, q: float, margin: float) -> str:
+    """The formula of threshold rule ``rule`` at quantile ``q``, as the bundle manifest states it."""
+    empirical = f"Q_{q:g}(good) + {margin:g} * (Q_{q:g}(good) - median(good))"
+    normal = f"mean + t_{q:g},n-1 * sd * sqrt(1 + 1/n)"
+    formulas = {"max-of-both": f"max({empirical}, {normal})", "quantile+margin": empirical, "normal-prediction": normal}
+    if rule not in formulas:
+        raise ValueError(f"unknown threshold rule {rule!r}; choose one of {RULES}")
+    return f"{rule}: {formulas[rule]}"
+
+
 def calibrate_threshold(
     good_scores: np.ndarray, target_false_alarm_rate: float = 0.01, margin: float = 0.1, rule: str = RULES[0]
 ) -> Threshold:

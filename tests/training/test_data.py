@@ -124,3 +124,12 @@ def test_max_images_leaves_the_rest_for_threshold_calibration(category: Path) ->
     capped = calibration_samples(s.val, s.unused, limit=len(s.val) + 2)
     assert capped[len(s.val) :] == [s.unused[0], s.unused[-1]]  # evenly chosen: both ends
     assert calibration_samples(s.val, s.unused, limit=1) == s.val  # the validation images are always kept
+
+
+def test_evenly_spreads_distinct_indices_from_first_to_last() -> None:
+    from training.data import evenly
+
+    assert evenly(10, 3) == [0, 4, 9]  # numpy rounds 4.5 to even
+    assert evenly(5, 9) == [0, 1, 2, 3, 4] and evenly(5, 0) == [] and evenly(0, 3) == []
+    got = evenly(281, 280)
+    assert len(set(got)) == 280 and got == sorted(got) and got[0] == 0 and got[-1] == 280

@@ -61,3 +61,26 @@ def test_far_upper_bound_says_what_n_good_images_can_confirm() -> None:
     assert far_upper_bound(20, 20) == 1.0 and far_upper_bound(0, 0) == 1.0
     thr = calibrate_threshold(np.linspace(0, 1, 20))
     assert thr.stats["val_far_upper_95"] == pytest.approx(far_upper_bound(0, 20))
+
+
+def test_images_to_confirm_is_the_inverse_of_the_upper_bound() -> None:
+    from training.threshold import far_upper_bound, images_to_confirm
+
+    assert images_to_confirm(0.01) == 299 and images_to_confirm(0.05) == 59
+    n = images_to_confirm(0.02)
+    assert far_upper_bound(0, n) <= 0.02 < far_upper_bound(0, n - 1)
+    with pytest.raises(ValueError, match="false-alarm rate"):
+        images_to_confirm(0.0)
+
+
+def test_describe_rule_states_the_rule_that_set_the_value() -> None:
+    from training.threshold import describe_rule
+
+    assert describe_rule("quantile+margin", 0.99, 0.1) == (
+        "quantile+margin: Q_0.99(good) + 0.1 * (Q_0.99(good) - median(good))"
+    )
+    assert describe_rule("normal-prediction", 0.99, 0.1) == "normal-prediction: mean + t_0.99,n-1 * sd * sqrt(1 + 1/n)"
+    both = describe_rule("max-of-both", 0.99, 0.1)
+    assert both.startswith("max-of-both: max(Q_0.99") and "sqrt(1 + 1/n))" in both
+    with pytest.raises(ValueError, match="unknown threshold rule"):
+        describe_rule("median", 0.99, 0.1)
