@@ -45,7 +45,7 @@ def _scores(run: Path, data: Path) -> dict[str, np.ndarray]:
     model, cfg, ckpt = load_model(run)
     model.eval()
     spec = get_spec(cfg.model.backbone)
-    size = (cfg.data.image_size, cfg.data.image_size)
+    size = cfg.data.input_hw()
     scoring = build_scoring(ckpt.get("scoring"), spec.channels, size, cfg.model.sigma)
     splits = discover(data, cfg.data.val_fraction, cfg.seed, need_test=True, max_images=cfg.data.max_images)
     used = {s.path.resolve() for s in splits.train + splits.val}

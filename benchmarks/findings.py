@@ -99,7 +99,7 @@ def recipes(args: argparse.Namespace) -> None:
 
     model, cfg, ckpt = load_model(args.run)
     spec = get_spec(cfg.model.backbone)
-    size = (cfg.data.image_size, cfg.data.image_size)
+    size = cfg.data.input_hw()
     splits = discover(args.data, cfg.data.val_fraction, cfg.seed, need_test=True, max_images=cfg.data.max_images)
     chosen = build_scoring(ckpt.get("scoring"), spec.channels, size, cfg.model.sigma)
     from training.features import feature_set, load_images
@@ -135,7 +135,7 @@ def floor(args: argparse.Namespace) -> None:
 
     model, cfg, ckpt = load_model(args.run)
     spec = get_spec(cfg.model.backbone)
-    size = (cfg.data.image_size, cfg.data.image_size)
+    size = cfg.data.input_hw()
     splits = discover(args.data, cfg.data.val_fraction, cfg.seed, max_images=cfg.data.max_images)
     x, _ = load_images(splits.val, size, spec.mean, spec.std)
     fs = feature_set(model.teacher, x, torch.device("cpu"))

@@ -73,7 +73,7 @@ EST = {
 def norms_main(run: str, data: str) -> dict:
     model, cfg, ckpt = load_model(run)
     spec = get_spec(cfg.model.backbone)
-    size = (cfg.data.image_size,) * 2
+    size = cfg.data.input_hw()
     sc = build_scoring(ckpt.get("scoring"), spec.channels, size, cfg.model.sigma)
     r = sc.recipe
     if sc.density is None:

@@ -43,7 +43,7 @@ def kinds_of(run: Path) -> dict[str, Any]:
     """Per-kind image and pixel AUROC of one run's chosen checkpoint on its validation synthetic defects."""
     model, cfg, ckpt = load_model(run)
     spec = get_spec(cfg.model.backbone)
-    size = (cfg.data.image_size, cfg.data.image_size)
+    size = cfg.data.input_hw()
     scoring = build_scoring(ckpt.get("scoring"), spec.channels, size, cfg.model.sigma)
     from training.data import Sample
 

@@ -41,7 +41,7 @@ def main() -> int:
     model, cfg, _ = load_model(args.run / "checkpoint_best.pt")
     model.eval()
     spec = get_spec(cfg.model.backbone)
-    size, dev = (cfg.data.image_size, cfg.data.image_size), torch.device("cpu")
+    size, dev = cfg.data.input_hw(), torch.device("cpu")
     splits = discover(args.data, cfg.data.val_fraction, cfg.seed, need_test=True, max_images=cfg.data.max_images)
     train_np, _, _ = load_readable(splits.train, size, spec.mean, spec.std)
     train_fs = feature_set(model.teacher, train_np, dev)

@@ -106,7 +106,7 @@ def export_fewshot(opts: Any) -> tuple[Path, Manifest]:
     missing = [p for p in shots if not p.is_file()]
     if missing:
         raise ExportError(f"few-shot image {missing[0]} recorded by the run is missing; export where the data is")
-    images = load_images(shots, size, spec.mean, spec.std)
+    images = load_images(shots, (size, size), spec.mean, spec.std)
     mods = _modules(model)
     rng = np.random.default_rng(opts.seed)
     refs = [_reference(mods, rng.standard_normal((2, 3, size, size)).astype(np.float32)), _reference(mods, images[:1])]

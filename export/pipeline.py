@@ -157,11 +157,11 @@ def calibration_set(ckpt: dict[str, Any], cfg: Any, calib_data: Path | None) -> 
     return out
 
 
-def load_images(paths: list[Path], size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """Training's preprocessing (== the runtime's) of image files -> ``(N, 3, size, size)`` float32."""
+def load_images(paths: list[Path], hw: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """Training's preprocessing (== the runtime's) of image files -> ``(N, 3, H, W)`` float32."""
     from training.data import preprocess, read_image
 
-    return np.stack([preprocess(read_image(p), (size, size), mean, std) for p in paths]).astype(np.float32)
+    return np.stack([preprocess(read_image(p), hw, mean, std) for p in paths]).astype(np.float32)
 
 
 def _torch_chain(model: Any, scoring: Any, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -224,6 +224,20 @@ def write_calibration_frames(
         source=f"{len(idx)} of the {len(paths)} threshold images, spread over their scores "
         f"(ranks {', '.join(str(int(np.where(order == i)[0][0])) for i in idx)})",
     )
+
+
+def export_shape(trained: tuple[int, int], side: int | None) -> tuple[int, int]:
+    """The exported input ``(height, width)``: the run's own, or for ``--image-size side`` the run's aspect at about
+    ``side^2`` pixels (``side x side`` for a square run)."""
+    if side is None:
+        return trained
+    if side % 32 or side < 32:
+        raise ExportError(f"--image-size must be a multiple of 32 (>= 32), got {side}")
+    if trained[0] == trained[1]:
+        return side, side
+    from training.data import input_shape
+
+    return input_shape(side, trained[0] / trained[1])
 
 
 def int8_calibration_images(ckpt: dict[str, Any], calib: CalibrationSet, n: int) -> tuple[list[Path], str]:
@@ -332,29 +346,29 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
 
     model, cfg, ckpt = load_model(opts.run)
     check_no_aux(model, ckpt)
-    size = int(opts.image_size or cfg.data.image_size)
-    if size % 32 or size < 32:
-        raise ExportError(f"--image-size must be a multiple of 32 (>= 32), got {size}")
+    trained = cfg.data.input_hw()
+    hw = export_shape(trained, opts.image_size)
     spec = get_spec(cfg.model.backbone)
     from training.scoring import build_scoring
 
     stored = ckpt.get("scoring")
-    if stored and size != cfg.data.image_size and float(stored["recipe"].get("density_weight", 0)) > 0:
+    if stored and hw != trained and float(stored["recipe"].get("density_weight", 0)) > 0:
         raise ExportError(
-            f"--image-size {size}: the run's scoring recipe has a density head fitted at {cfg.data.image_size} px "
-            "(one Gaussian per position); export at the training size or retrain at this size"
+            f"--image-size {opts.image_size}: the run's scoring recipe has a density head fitted at "
+            f"{trained[0]} x {trained[1]} px (one Gaussian per position); export at the training size or retrain "
+            "at this size"
         )
-    scoring = build_scoring(stored, spec.channels, (size, size), cfg.model.sigma)
+    scoring = build_scoring(stored, spec.channels, hw, cfg.model.sigma)
     scorer = scoring.scorer.eval()
     chain_names = CHAIN_WITH_DENSITY if scoring.density is not None else CHAIN
     calib = calibration_set(ckpt, cfg, opts.calib_data)
-    calib_images = load_images(calib.good, size, spec.mean, spec.std)
-    log.info("exporting %s (%s, %dx%d); threshold from %s", opts.run, cfg.model.backbone, size, size, calib.source)
+    calib_images = load_images(calib.good, hw, spec.mean, spec.std)
+    log.info("exporting %s (%s, %dx%d); threshold from %s", opts.run, cfg.model.backbone, *hw, calib.source)
 
     rng = np.random.default_rng(opts.seed)
-    sets = [rng.standard_normal((2, 3, size, size)).astype(np.float32), calib_images[:1]]
+    sets = [rng.standard_normal((2, 3, *hw)).astype(np.float32), calib_images[:1]]
     refs = [_torch_chain(model, scoring, x) for x in sets]
-    modules = onnx_parts.part_modules(model, scorer, (size, size), scoring.density)
+    modules = onnx_parts.part_modules(model, scorer, hw, scoring.density)
     par: dict[str, float] = {}
 
     with staging(out, opts.force) as tmp:
@@ -403,6 +417,7 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
             **({"rde.gii": cfg.extra.rde.gii} if cfg.model.objective == "rde" else {}),
             "sigma": float(cfg.model.sigma),
             "train_image_size": int(cfg.data.image_size),
+            "train_input_hw": f"{trained[0]}x{trained[1]}",
             "checkpoint_epoch": int(ckpt.get("epoch", -1)) + 1,
             "checkpoint_step": int(ckpt.get("step", 0)),
             "scoring.recipe": scoring.recipe.name(),
@@ -434,7 +449,7 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
                 par["fp16_score_max_abs"], par["fp16_score_max_rel"] = err
                 extra["parity_tolerance_fp16_score_rel"] = opts.fp16_score_tol
 
-        input_spec = InputSpec(name="image", height=size, width=size, max_batch=opts.max_batch)
+        input_spec = InputSpec(name="image", height=hw[0], width=hw[1], max_batch=opts.max_batch)
         preprocess = PreprocessSpec(
             color="rgb", interpolation="linear", scale=1.0 / 255.0, mean=list(spec.mean), std=list(spec.std)
         )
@@ -450,7 +465,7 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
             )  # fmt: skip
         lab_images = labels = lab_scores = None
         if calib.labelled:  # scored once by the FP32 chain: the F1 threshold below and the int8 AUROC use it
-            lab_images = load_images([p for p, _ in calib.labelled], size, spec.mean, spec.std)
+            lab_images = load_images([p for p, _ in calib.labelled], hw, spec.mean, spec.std)
             labels = np.array([lab for _, lab in calib.labelled])
             lab_scores, _ = parity.chain_scores(chain, lab_images)
         int8: Int8Spec | None = None
@@ -458,7 +473,7 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
         if opts.precision == "int8":
             q_paths, q_source = int8_calibration_images(ckpt, calib, opts.int8_calib_images)
             int8, served = _int8_parts(
-                tmp, opts, chain_names, specs, sessions, load_images(q_paths, size, spec.mean, spec.std), q_source,
+                tmp, opts, chain_names, specs, sessions, load_images(q_paths, hw, spec.mean, spec.std), q_source,
                 calib_images, ort_scores, float(thr.value), calib.source, lab_images, lab_scores, labels,
                 calib.labelled_source,
             )  # fmt: skip

@@ -29,6 +29,15 @@ def make_demo_data_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _aspect(text: str) -> str | float:
+    if text in ("auto", "square"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"auto, square or a height / width number, not {text!r}") from None
+
+
 def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="rdedge train")
     p.add_argument(
@@ -45,7 +54,18 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "2.2 min at 128 px)",
     )
     p.add_argument("--epochs", type=int, help="passes over the training images instead of --steps")
-    p.add_argument("--image-size", type=int, help="square input side, multiple of 32 (default 256)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        help="input side, multiple of 32 (default 256); parts of another aspect keep about this side squared in "
+        "pixels (see --aspect)",
+    )
+    p.add_argument(
+        "--aspect",
+        type=_aspect,
+        help="input height / width: auto (default: the training images' own when they share one, e.g. 416 x 160 "
+        "for 512 x 203 parts at --image-size 256; else square) | square | a number",
+    )
     p.add_argument("--batch-size", type=int, help="images per step (default 8)")
     p.add_argument(
         "--max-images",
@@ -60,7 +80,8 @@ def train_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         default="auto",
         help="scoring: auto = chosen by the validation signal among scales, standardisation, max/top-1%% and "
         "fusion with a density head (default); rd = the same without the density head; paper = the RD paper's "
-        "(all scales, raw features, max, no density). The checkpoint is chosen by the signal in every case",
+        "(all scales, raw features, max, no density, square input). The checkpoint is chosen by the signal in "
+        "every case",
     )
     p.add_argument("--device", choices=["cpu", "cuda"], help="cpu or cuda (default cpu)")
     p.add_argument("--seed", type=int, help="seed for split, init and shuffling (default 0)")
@@ -140,6 +161,7 @@ def train_command(args: argparse.Namespace) -> int:
         "optim.lr": args.lr,
         "optim.max_minutes": args.max_minutes,
         "data.image_size": args.image_size,
+        "data.aspect": args.aspect,
         "data.max_images": args.max_images,
         "device": args.device,
         "seed": args.seed,
@@ -149,6 +171,7 @@ def train_command(args: argparse.Namespace) -> int:
     if args.recipe == "paper":
         overrides.update(
             {
+                "data.aspect": args.aspect or "square",  # the paper squashes every image to a square
                 "selection.pin.weights": [1.0, 1.0, 1.0],
                 "selection.pin.standardize": False,
                 "selection.pin.reduction": "max",

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from training.errors import ConfigError
 from training.objective_config import ExtraConfig
@@ -20,7 +20,23 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    image_size: int = Field(256, ge=32, le=2048, description="square input side in pixels (multiple of 32)")
+    image_size: int = Field(
+        256,
+        ge=32,
+        le=2048,
+        description="input side in pixels (multiple of 32); for parts of another aspect the input keeps about "
+        "image_size^2 pixels (see aspect)",
+    )
+    aspect: Literal["auto", "square"] | float = Field(
+        "auto",
+        description="input height / width: auto (the training images' own when they share one, else square) | "
+        "square | a number (e.g. 2.5 for parts 2.5 times taller than wide)",
+    )
+    shape: tuple[int, int] | None = Field(
+        None,
+        description="the input (height, width) training resolved from image_size and aspect; written by training "
+        "into the run's config, leave it unset",
+    )
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of train/good kept aside for validation")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     max_images: int | None = Field(
@@ -32,6 +48,17 @@ class DataConfig(_Strict):
     cache_limit_mb: float = Field(
         2048.0, gt=0, description="teacher features cached in RAM up to this size, in memmap files in the run past it"
     )
+
+    @field_validator("aspect")
+    @classmethod
+    def _aspect_range(cls, v: str | float) -> str | float:
+        if isinstance(v, float) and not 0.1 <= v <= 10.0:
+            raise ValueError(f"must be auto, square or a height / width ratio between 0.1 and 10 (got {v:g})")
+        return v
+
+    def input_hw(self) -> tuple[int, int]:
+        """The model's input ``(height, width)``: the resolved ``shape``, else the square ``image_size``."""
+        return (int(self.shape[0]), int(self.shape[1])) if self.shape else (self.image_size, self.image_size)
 
 
 class ModelConfig(_Strict):
@@ -199,4 +226,6 @@ def load_train_config(path: str | Path | None, overrides: dict[str, Any] | None 
         raise ConfigError(f"{source}: model.projection: RD-E (model.objective rde) needs 'identity'")
     if cfg.data.image_size % 32:
         raise ConfigError(f"{source}: data.image_size: must be a multiple of 32 (got {cfg.data.image_size})")
+    if cfg.data.shape and any(v < 32 or v % 32 for v in cfg.data.shape):
+        raise ConfigError(f"{source}: data.shape: both sides must be multiples of 32 (got {list(cfg.data.shape)})")
     return cfg

@@ -151,6 +151,41 @@ def evenly(n: int, k: int) -> list[int]:
     return [int(i) for i in np.linspace(0, n - 1, k).round()]
 
 
+#: Images share one aspect when the 10th and 90th percentiles of their height / width lie within this factor of
+#: the median (kolektorsdd: within 1%; magnetic_tile's crops spread from 0.6 to 1.7 and stay square).
+ASPECT_TOLERANCE = 1.1
+
+
+def measure_aspect(paths: list[Path], limit: int = 32) -> float | None:
+    """The median height / width of up to ``limit`` of ``paths`` (chosen evenly), or ``None`` when they do not share
+    one aspect (see :data:`ASPECT_TOLERANCE`) or there are none."""
+    if not paths:
+        return None
+    ratios = []
+    for i in evenly(len(paths), limit):
+        try:
+            h, w = read_image(paths[i]).shape[:2]
+        except DataError:
+            continue  # unreadable: training skips and counts it
+        ratios.append(h / w)
+    if not ratios:
+        return None
+    med = float(np.median(ratios))
+    lo, hi = np.percentile(ratios, [10, 90])
+    return med if med / ASPECT_TOLERANCE <= lo and hi <= med * ASPECT_TOLERANCE else None
+
+
+def input_shape(side: int, aspect: float) -> tuple[int, int]:
+    """``(height, width)``, multiples of 32, of about ``side^2`` pixels at ``height / width = aspect``: each side
+    rounded to the nearest multiple of 32 (at least 32). ``input_shape(128, 2.52) == (192, 96)``."""
+
+    def r32(v: float) -> int:
+        return max(32, int(round(v / 32.0)) * 32)
+
+    root = float(np.sqrt(aspect))
+    return r32(side * root), r32(side / root)
+
+
 def discover(
     root: str | Path,
     val_fraction: float = 0.1,

@@ -153,7 +153,7 @@ def evaluate(
     dev = torch.device(device)
     model.to(dev)
     spec = get_spec(cfg.model.backbone)
-    size = (cfg.data.image_size, cfg.data.image_size)
+    size = cfg.data.input_hw()
     splits = discover(data, cfg.data.val_fraction, cfg.seed, need_test=True, max_images=cfg.data.max_images)
     scoring = build_scoring(ckpt.get("scoring"), spec.channels, size, cfg.model.sigma)
     test = predict(model, scoring, splits.test, size, spec.mean, spec.std, dev, batch_size, True, show_progress)
@@ -176,6 +176,7 @@ def evaluate(
     metrics["recipe"] = scoring.recipe.name()
     metrics["backbone"] = cfg.model.backbone
     metrics["image_size"] = cfg.data.image_size
+    metrics["input_hw"] = list(size)
     run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if report_dir is not None:

@@ -218,7 +218,7 @@ class RDPPObjective(Objective):
         device = next(model.ocbe.parameters()).device
         self.std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
         self.noise = PseudoAnomaly(
-            cfg.data.image_size,
+            cfg.data.input_hw(),
             (r.noise_min, r.noise_max),
             r.noise_scale,
             r.octaves,

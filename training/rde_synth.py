@@ -59,7 +59,7 @@ class PerlinAnomaly:
     """Makes ``(x~, M)`` for a batch of normalised images.
 
     Args:
-        size: image side in pixels (square).
+        size: image side in pixels, or ``(height, width)``.
         mean, std: the teacher's normalisation (to map simplex textures from [0, 1]).
         cfg: RD-E settings (scales, threshold, beta, texture source).
         seed: seeds the masks, blends and the simplex bank.
@@ -68,30 +68,32 @@ class PerlinAnomaly:
 
     def __init__(
         self,
-        size: int,
+        size: int | tuple[int, int],
         mean: tuple[float, ...],
         std: tuple[float, ...],
         cfg: RDEConfig,
         seed: int = 0,
         bank: int = 8,
     ) -> None:
-        self.size, self.cfg = size, cfg
+        self.hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.cfg = cfg
         self.g = torch.Generator().manual_seed(seed * 7919 + 11)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.bank: Tensor | None = None
         if cfg.texture != "images":
-            unit = 0.5 + 0.5 * octave_noise(bank, size, size, octaves=4, persistence=0.5, base_period=size / 2,
+            period = math.sqrt(self.hw[0] * self.hw[1]) / 2
+            unit = 0.5 + 0.5 * octave_noise(bank, *self.hw, octaves=4, persistence=0.5, base_period=period,
                                             generator=self.g)  # fmt: skip
             self.bank = (unit.clamp(0.0, 1.0) - self.mean) / self.std
 
     def mask(self) -> Tensor:
         """One ``(H, W)`` {0, 1} float mask (redrawn up to 4 times when the noise stays under the threshold)."""
         lo, hi = self.cfg.perlin_min, self.cfg.perlin_max
-        m = torch.zeros(self.size, self.size)
+        m = torch.zeros(*self.hw)
         for _ in range(4):
             a, b = (int(v) for v in torch.randint(lo, hi + 1, (2,), generator=self.g))
-            noise = perlin_2d(self.size, self.size, (2**a, 2**b), self.g)
+            noise = perlin_2d(*self.hw, (2**a, 2**b), self.g)
             m = (noise > self.cfg.threshold).float()
             if m.sum() > 0:
                 break
@@ -107,7 +109,7 @@ class PerlinAnomaly:
         return x_t, masks
 
     def _textures(self, x: Tensor) -> Tensor:
-        b, s = x.shape[0], self.size
+        b, (h, w) = x.shape[0], self.hw
         out = torch.empty_like(x)
         use_simplex = {"simplex": torch.ones(b), "images": torch.zeros(b)}.get(
             self.cfg.texture, (torch.rand(b, generator=self.g) < 0.5).float()
@@ -117,7 +119,8 @@ class PerlinAnomaly:
                 out[i] = self.bank[int(torch.randint(0, self.bank.shape[0], (1,), generator=self.g))].to(x.device)
                 continue
             j = (i + 1 + int(torch.randint(0, max(b - 1, 1), (1,), generator=self.g))) % b if b > 1 else i
-            dy, dx = (int(v) for v in torch.randint(s // 4, 3 * s // 4 + 1, (2,), generator=self.g))
+            dy = int(torch.randint(h // 4, 3 * h // 4 + 1, (1,), generator=self.g))
+            dx = int(torch.randint(w // 4, 3 * w // 4 + 1, (1,), generator=self.g))
             tex = torch.roll(x[j], (dy, dx), dims=(1, 2))
             if torch.rand(1, generator=self.g) < 0.5:
                 tex = tex.flip(1, 2)

@@ -129,7 +129,7 @@ class RDESelection:
         self.cfg, self.device = cfg, device
         spec = get_spec(cfg.model.backbone)
         self.channels = spec.channels
-        self.size = (cfg.data.image_size, cfg.data.image_size)
+        self.size = cfg.data.input_hw()
         self.train_np, self.val_np = train_np, val_np
         synth01, self.synth_masks, self.kinds = synthesize(
             to_unit_rgb(val_np, spec.mean, spec.std), cfg.selection.synthetic_per_image, cfg.seed
@@ -204,7 +204,7 @@ def fit_rde(
     seed_everything(cfg.seed)
 
     splits = discover(data, cfg.data.val_fraction, cfg.seed, max_images=cfg.data.max_images)
-    size = (cfg.data.image_size, cfg.data.image_size)
+    size = cfg.data.input_hw()
     spec = get_spec(cfg.model.backbone)
     model = build_model(cfg)
     assert isinstance(model, RDEModel)
@@ -231,7 +231,7 @@ def fit_rde(
 
     optimizers = make_optimizers(model, cfg)
     student = model.student()
-    anomaly = PerlinAnomaly(cfg.data.image_size, spec.mean, spec.std, cfg.extra.rde, cfg.seed)
+    anomaly = PerlinAnomaly(cfg.data.input_hw(), spec.mean, spec.std, cfg.extra.rde, cfg.seed)
     n_train = len(train_x)
     per_epoch = len(_batches(n_train, cfg.optim.batch_size, cfg.seed, 0, 0, 1))
     total_steps = cfg.optim.epochs * per_epoch if cfg.optim.epochs else cfg.optim.steps

@@ -21,6 +21,12 @@ def _overlay(bgr: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, size: 
     return cv2.addWeighted(img, 0.55, heat, 0.45, 0)
 
 
+def _input_text(metrics: dict[str, Any]) -> str:
+    """``256 px`` for a square input, ``416 x 160 px (height x width)`` for another shape."""
+    hw = metrics.get("input_hw") or [metrics.get("image_size")] * 2
+    return f"{hw[0]} px" if hw[0] == hw[1] else f"{hw[0]} x {hw[1]} px (height x width)"
+
+
 def write_report(
     out: Path,
     metrics: dict[str, Any],
@@ -140,7 +146,7 @@ td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td:first-child{{
 figcaption{{font-size:12px}}</style></head><body>
 <h1>rdedge evaluation</h1>
 <p>run <code>{html.escape(str(metrics.get("run")))}</code>, data <code>{html.escape(str(metrics.get("data")))}</code>,
-backbone {html.escape(str(metrics.get("backbone")))}, {metrics.get("image_size")} px, epoch {metrics.get("epoch")},
+backbone {html.escape(str(metrics.get("backbone")))}, {_input_text(metrics)}, epoch {metrics.get("epoch")},
 {metrics["n_images"]} test images ({metrics["n_defective"]} defective).</p>
 <table><tr><th></th>{"".join(f"<th>{k}</th>" for k in keys)}</tr>{table}</table>
 {op_html}

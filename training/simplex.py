@@ -108,8 +108,8 @@ class PseudoAnomaly:
     """RD++ simplex-noise pseudo-anomalies for a batch: one random noise patch per image, in [0, 1] image units.
 
     Args:
-        size: image side in pixels (square).
-        patch: (min, max) patch side in pixels (RD++: 10 to 32; the maximum is capped at ``size - 2``).
+        size: image side in pixels, or ``(height, width)``.
+        patch: (min, max) patch side in pixels (RD++: 10 to 32; the maximum is capped at the shorter side - 2).
         scale: noise amplitude (RD++: 0.2).
         octaves, persistence: octave noise (RD++: 6, 0.6).
         bank: number of tiles computed once at construction (0: fresh noise every call).
@@ -118,7 +118,7 @@ class PseudoAnomaly:
 
     def __init__(
         self,
-        size: int,
+        size: int | tuple[int, int],
         patch: tuple[int, int] = (10, 32),
         scale: float = 0.2,
         octaves: int = 6,
@@ -126,8 +126,8 @@ class PseudoAnomaly:
         bank: int = 64,
         seed: int = 0,
     ) -> None:
-        self.size = size
-        hi = min(patch[1], size - 2)
+        self.hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        hi = min(patch[1], min(self.hw) - 2)
         self.patch = (min(patch[0], hi), hi)
         self.scale, self.octaves, self.persistence = scale, octaves, persistence
         self.g = torch.Generator().manual_seed(seed)
@@ -138,15 +138,15 @@ class PseudoAnomaly:
         return octave_noise(n, side, side, self.octaves, self.persistence, generator=self.g)
 
     def __call__(self, batch: int) -> Tensor:
-        """Noise to add to a batch of ``[0, 1]`` images: ``(batch, 3, size, size)``, zero outside each patch."""
+        """Noise to add to a batch of ``[0, 1]`` images: ``(batch, 3, H, W)``, zero outside each patch."""
         tiles = self.bank if self.bank is not None else self._tiles(batch)
         pick = torch.randint(0, tiles.shape[0], (batch,), generator=self.g)
         hw = torch.randint(self.patch[0], self.patch[1] + 1, (batch, 2), generator=self.g)
-        canvas = torch.zeros(batch, 3, self.size, self.size)
+        canvas = torch.zeros(batch, 3, *self.hw)
         for b in range(batch):  # B slice copies: microseconds, no noise is computed here
             h, w = int(hw[b, 0]), int(hw[b, 1])
-            top = int(torch.randint(1, self.size - h, (1,), generator=self.g))  # official: randint(1, size - h)
-            left = int(torch.randint(1, self.size - w, (1,), generator=self.g))
+            top = int(torch.randint(1, self.hw[0] - h, (1,), generator=self.g))  # official: randint(1, size - h)
+            left = int(torch.randint(1, self.hw[1] - w, (1,), generator=self.g))
             oy = int(torch.randint(0, tiles.shape[2] - h + 1, (1,), generator=self.g))  # where in the tile
             ox = int(torch.randint(0, tiles.shape[3] - w + 1, (1,), generator=self.g))
             canvas[b, :, top : top + h, left : left + w] = tiles[int(pick[b]), :, oy : oy + h, ox : ox + w]

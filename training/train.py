@@ -245,7 +245,7 @@ def prepare(
     from training.synthetic import synthesize
 
     splits = discover(data, cfg.data.val_fraction, cfg.seed, max_images=cfg.data.max_images)
-    size = (cfg.data.image_size, cfg.data.image_size)
+    size = cfg.data.input_hw()
     spec = get_spec(cfg.model.backbone)
     mean, std = spec.mean, spec.std
     t_cache = time.perf_counter()
@@ -315,6 +315,37 @@ def prepare(
     return frozen
 
 
+def resolve_shape(cfg: TrainConfig, data: str | Path) -> TrainConfig:
+    """``cfg`` with ``data.shape``, the input ``(height, width)``, set from ``data.image_size`` and ``data.aspect``
+    (a copy; a config that already has a shape is returned as it is).
+
+    ``auto`` keeps the training images' own aspect when they share one (:func:`training.data.measure_aspect`), at
+    about ``image_size^2`` pixels (:func:`training.data.input_shape`): squashing kolektorsdd's 512 x 203 parts into
+    a square halves their height and loses the thin cracks (``benchmarks/results/aspect.md``). Parts of mixed
+    aspect stay square.
+    """
+    from training.data import input_shape, measure_aspect
+
+    if cfg.data.shape:
+        return cfg
+    side, aspect = cfg.data.image_size, cfg.data.aspect
+    if aspect == "square":
+        hw, why = (side, side), "data.aspect square"
+    elif aspect == "auto":
+        splits = discover(data, cfg.data.val_fraction, cfg.seed, max_images=cfg.data.max_images)
+        found = measure_aspect([s.path for s in [*splits.train, *splits.val]])
+        if found is None:
+            hw, why = (side, side), "the training images do not share one aspect: square"
+        else:
+            hw, why = input_shape(side, found), f"the training images' height / width {found:.2f}"
+    else:
+        hw, why = input_shape(side, float(aspect)), f"data.aspect {float(aspect):g}"
+    log.info("input %d x %d px (height x width) for data.image_size %d: %s", *hw, side, why)
+    out = cfg.model_copy(deep=True)
+    out.data.shape = hw
+    return out
+
+
 def fit(
     cfg: TrainConfig,
     data: str | Path,
@@ -338,9 +369,12 @@ def fit(
     torchrun process group up for the next candidate (a group re-created in the same processes can hang), and
     ``frozen`` is the :func:`prepare` result the candidates share (``None``: prepared here).
 
+    The input shape is resolved first (:func:`resolve_shape`) and kept in every checkpoint's config.
+
     Returns:
         Path of the best checkpoint (the last one if there is no validation split).
     """
+    cfg = resolve_shape(cfg, data)
     if aux_dir is not None and cfg.model.projection in ("auto", "identity"):
         raise ConfigError("--aux needs model.projection 'aux' (set automatically by 'rdedge train --aux')")
     if cfg.model.projection == "auto":  # RD-E never gets here: its config resolves 'auto' to 'identity'
@@ -364,7 +398,7 @@ def fit(
     seed_everything(cfg.seed)
     progress = show_progress and dinfo.is_main
 
-    size = (cfg.data.image_size, cfg.data.image_size)
+    size = cfg.data.input_hw()
     model = build_model(cfg).to(device)
     if frozen is None:
         frozen = prepare(cfg, data, model.teacher, device, out / "cache", progress)

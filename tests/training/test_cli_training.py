@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 RDEDGE = [sys.executable, "-m", "export.cli"]
 
 
@@ -85,3 +87,15 @@ def test_help_explains_verbs() -> None:
     p = _run("train", "--help")
     assert "--teacher-weights" in p.stdout and "wide_resnet50_2" in p.stdout
     assert shutil.which("rdedge") or True  # console script installed by pip install -e
+
+
+def test_aspect_option_parses_auto_square_or_a_number(capsys: pytest.CaptureFixture[str]) -> None:
+    from training.cli import train_parser
+
+    base = ["--data", "d", "--out", "run"]
+    assert train_parser().parse_args(base).aspect is None  # the config's default (auto) applies
+    assert train_parser().parse_args([*base, "--aspect", "square"]).aspect == "square"
+    assert train_parser().parse_args([*base, "--aspect", "2.5"]).aspect == 2.5
+    with pytest.raises(SystemExit):
+        train_parser().parse_args([*base, "--aspect", "tall"])
+    assert "auto, square or a height / width number, not 'tall'" in capsys.readouterr().err

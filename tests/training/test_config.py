@@ -45,3 +45,16 @@ def test_missing_and_non_mapping_files(tmp_path: Path) -> None:
     f.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_train_config(f)
+
+
+def test_aspect_and_shape_are_validated_with_their_path(tmp_path: Path) -> None:
+    assert load_train_config(None, {}).data.aspect == "auto"
+    cfg = load_train_config(None, {"data.aspect": 2.5, "data.image_size": 128})
+    assert cfg.data.aspect == 2.5 and cfg.data.input_hw() == (128, 128)  # resolved by training, not here
+    assert load_train_config(None, {"data.shape": [192, 96]}).data.input_hw() == (192, 96)
+    with pytest.raises(ConfigError, match=r"data\.aspect"):
+        load_train_config(None, {"data.aspect": 40.0})
+    with pytest.raises(ConfigError, match=r"data\.aspect"):
+        load_train_config(None, {"data.aspect": "tall"})
+    with pytest.raises(ConfigError, match=r"data\.shape: both sides must be multiples of 32"):
+        load_train_config(None, {"data.shape": [100, 64]})

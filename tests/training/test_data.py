@@ -133,3 +133,21 @@ def test_evenly_spreads_distinct_indices_from_first_to_last() -> None:
     assert evenly(5, 9) == [0, 1, 2, 3, 4] and evenly(5, 0) == [] and evenly(0, 3) == []
     got = evenly(281, 280)
     assert len(set(got)) == 280 and got == sorted(got) and got[0] == 0 and got[-1] == 280
+
+
+def test_measure_aspect_and_input_shape(tmp_path: Path) -> None:
+    from training.data import input_shape, measure_aspect
+
+    tall = []
+    for i, (h, w) in enumerate([(512, 203), (512, 204), (510, 203), (512, 202)]):
+        tall.append(tmp_path / f"t{i}.png")
+        cv2.imwrite(str(tall[-1]), np.zeros((h, w), np.uint8))
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    got = measure_aspect([*tall, tmp_path / "broken.png"])  # the unreadable file is skipped
+    assert got is not None and abs(got - 2.52) < 0.01
+    mixed = [*tall, tmp_path / "wide.png", tmp_path / "square.png"]
+    cv2.imwrite(str(mixed[-2]), np.zeros((100, 200), np.uint8))
+    cv2.imwrite(str(mixed[-1]), np.zeros((100, 100), np.uint8))
+    assert measure_aspect(mixed) is None and measure_aspect([]) is None
+    assert input_shape(128, 2.52) == (192, 96) and input_shape(256, 2.52) == (416, 160)
+    assert input_shape(256, 1.0) == (256, 256) and input_shape(64, 0.1) == (32, 192)

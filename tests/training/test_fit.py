@@ -131,3 +131,23 @@ def test_unsatisfiable_pin_is_a_config_error(demo_category: Path, tmp_path: Path
         load_train_config(None, {"selection.density": False, "selection.pin.density_weight": 0.5})
     with pytest.raises(ConfigError, match="pin.weights must be one of"):
         load_train_config(None, {"selection.pin.weights": [1.0, 0.0, 0.0]})
+
+
+def test_resolve_shape_keeps_the_parts_aspect(
+    demo_category: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from training.train import resolve_shape
+
+    tall = tmp_path / "tall"
+    tall.mkdir()
+    for i in range(6):
+        cv2.imwrite(str(tall / f"{i:03d}.png"), np.full((512, 203 + i % 2), 100, np.uint8))
+    with caplog.at_level("INFO", logger="training"):
+        cfg = resolve_shape(load_train_config(None, {"data.image_size": 256}), tall)
+    assert cfg.data.shape == (416, 160) and "height / width 2.5" in caplog.text
+    assert resolve_shape(cfg, demo_category) is cfg  # a resolved shape is kept (resume, export)
+    square = load_train_config(None, {"data.image_size": 128, "data.aspect": "square"})
+    assert resolve_shape(square, tall).data.input_hw() == (128, 128)
+    assert resolve_shape(load_train_config(None, {"data.image_size": 128}), demo_category).data.shape == (128, 128)
+    wide = load_train_config(None, {"data.image_size": 128, "data.aspect": 0.5})
+    assert resolve_shape(wide, demo_category).data.shape == (96, 192)

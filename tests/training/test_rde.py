@@ -160,3 +160,11 @@ def test_config_and_cli_errors() -> None:
         train_command(args)
     helptext = train_parser().format_help()
     assert "--objective {rd,rde}" in helptext and "--gii {gated,ungated,off}" in helptext
+
+
+def test_perlin_anomaly_on_a_tall_input() -> None:
+    spec = get_spec("efficientnet_lite0")
+    make = PerlinAnomaly((96, 32), spec.mean, spec.std, RDEConfig(), seed=0)
+    x = torch.zeros(3, 3, 96, 32)
+    x_t, masks = make(x)
+    assert x_t.shape == x.shape and masks.shape == (3, 1, 96, 32) and float(masks.sum()) > 0

@@ -73,3 +73,10 @@ def test_rdpp_objective_optimisers_and_terms() -> None:
     expected = parts["kd"] + 0.2 * (parts["ssot"] + 0.01 * parts["recon"] + 0.1 * parts["contrast"]) / 1.11
     assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
     assert abs(parts["ssot"]) < 1e-4  # official SSOT compares a batch with its own shuffle: 0 by construction
+
+
+def test_pseudo_anomaly_on_a_tall_input() -> None:
+    noise = PseudoAnomaly((96, 32), (4, 40), bank=4, seed=0)(6)
+    assert noise.shape == (6, 3, 96, 32)
+    rows = (noise.abs().sum(1) > 0).any(2)  # (6, 96): rows a patch touched
+    assert rows.any(1).all() and int(rows.sum(1).max()) <= 30  # the patch side is capped at the width - 2

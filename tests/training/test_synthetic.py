@@ -57,3 +57,16 @@ def test_single_image_is_its_own_texture_source_and_bad_kind_is_refused(goods: n
     assert len(out) == 4 and all(m.sum() >= 4 for m in masks) and set(kinds) == set(KINDS)
     with pytest.raises(ValueError, match="unknown synthetic defect kind"):
         make_defect(goods[0], goods[1], "smudge", np.random.default_rng(0), torch.Generator())
+
+
+def test_tall_images_get_defects_inside_them_of_every_kind() -> None:
+    rng = np.random.default_rng(1)
+    tall = rng.random((3, 160, 64, 3)).astype(np.float32) * 0.5 + 0.25
+    out, masks, kinds = synthesize(tall, per_image=8, seed=5)
+    assert out.shape == (24, 160, 64, 3) and masks.shape == (24, 160, 64)
+    assert set(kinds) == set(KINDS) and all(m.sum() >= 4 for m in masks)
+    for img, mask, src in zip(out, masks, np.repeat(tall, 8, axis=0), strict=True):
+        changed = np.abs(img - src).max(axis=2) > 0.02
+        assert not (mask & ~changed).any()  # every mask pixel changed
+    # defects reach the lower half of a tall image too (positions are drawn over the whole height)
+    assert masks[:, 100:].any()
