@@ -117,6 +117,7 @@ def main() -> int:
                 row = {
                     "dataset": name,
                     "image_size": size,
+                    "input_hw": m.get("input_hw"),
                     "seed": seed,
                     **{k: m.get(k) for k in METRICS},
                     "per_defect": m["per_defect"],
