@@ -67,7 +67,7 @@ def test_ort_parity_per_part_on_two_inputs(exported_bundle: Path, tiny_run: tupl
     model, cfg, ckpt = load_model(run)
     spec = get_spec(cfg.model.backbone)
     scoring = build_scoring(ckpt.get("scoring"), spec.channels, (64, 64), cfg.model.sigma)  # the chosen recipe
-    real = load_images(sorted((category / "test" / "scratch").glob("*.png"))[:1], 64, spec.mean, spec.std)
+    real = load_images(sorted((category / "test" / "scratch").glob("*.png"))[:1], (64, 64), spec.mean, spec.std)
     inputs = [np.random.default_rng(7).standard_normal((2, 3, 64, 64)).astype(np.float32), real]
     refs = [_torch_chain(model, scoring, x) for x in inputs]
     assert not np.allclose(refs[0]["f1"][:1], refs[1]["f1"])

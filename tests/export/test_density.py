@@ -45,7 +45,7 @@ def test_runtime_chain_matches_torch_scoring(density_bundle: Path, tmp_path: Pat
     size = (cfg.data.image_size, cfg.data.image_size)
     scoring = build_scoring(ckpt["scoring"], spec.channels, size, cfg.model.sigma)
     imgs = sorted((density_bundle.parents[1] / "tiny_data" / "synthetic" / "test").rglob("*.png"))[:3]
-    x = load_images(imgs, size[0], spec.mean, spec.std)
+    x = load_images(imgs, size, spec.mean, spec.std)
     with torch.no_grad():
         feats, recon = model(torch.from_numpy(x))
         _, ref = scoring(feats, recon)
@@ -73,5 +73,5 @@ def test_export_at_another_size_refuses_a_density_recipe(density_bundle: Path, t
     from export.pipeline import ExportOptions, export_bundle
 
     run = density_bundle.parents[1] / "tiny_run_density"
-    with pytest.raises(ExportError, match="density head fitted at 64 px"):
+    with pytest.raises(ExportError, match="density head fitted at 64 x 64 px"):
         export_bundle(ExportOptions(run=run, out=tmp_path / "x", image_size=96))

@@ -68,7 +68,7 @@ def test_fp16_parts_convert_and_run_in_ort(exported_bundle: Path, tiny_run: tupl
     assert all(t.data_type == TensorProto.FLOAT16 for t in teacher.graph.initializer if t.data_type != 7)
     spec = get_spec("efficientnet_lite0")
     paths = sorted((tiny_run[1] / "test").rglob("*.png"))
-    images = load_images(paths, 64, spec.mean, spec.std)
+    images = load_images(paths, (64, 64), spec.mean, spec.std)
     fp32, _ = chain_scores([session(exported_bundle / f"{p}.onnx") for p in (*FP16_PARTS, "score")], images)
     fp16_chain = [session(tmp_path / f"{p}.fp16.onnx") for p in FP16_PARTS] + [session(exported_bundle / "score.onnx")]
     fp16, maps = chain_scores(fp16_chain, images)
