@@ -123,7 +123,7 @@ def one_draw(
     from training.fewshot import FewShotConfig, choose_shots, fit_fewshot, load_images01
 
     paths = choose_shots(root, k, seed)
-    imgs = load_images01(paths, SIZE)
+    imgs = load_images01(paths, (SIZE, SIZE))  # square, as measured before the aspect rule
     rows = []
     y, masks = ts["y"], ts["masks"]
     for method, n_steps in (("fewshot", steps), ("fewshot-frozen", 0)):

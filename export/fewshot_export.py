@@ -101,15 +101,15 @@ def export_fewshot(opts: Any) -> tuple[Path, Manifest]:
         log.warning("few-shot export: --image-size, --calib-data, --fused and --trt do not apply; ignored")
     model, cfg, ckpt = load_fewshot(opts.run)
     spec = get_spec(cfg.backbone)
-    size = cfg.image_size
+    hw = cfg.input_hw()
     shots = [Path(p) for p in ckpt["shots"]]
     missing = [p for p in shots if not p.is_file()]
     if missing:
         raise ExportError(f"few-shot image {missing[0]} recorded by the run is missing; export where the data is")
-    images = load_images(shots, (size, size), spec.mean, spec.std)
+    images = load_images(shots, hw, spec.mean, spec.std)
     mods = _modules(model)
     rng = np.random.default_rng(opts.seed)
-    refs = [_reference(mods, rng.standard_normal((2, 3, size, size)).astype(np.float32)), _reference(mods, images[:1])]
+    refs = [_reference(mods, rng.standard_normal((2, 3, *hw)).astype(np.float32)), _reference(mods, images[:1])]
     par: dict[str, float] = {}
     with staging(out, opts.force) as tmp:
         specs, sessions = {}, []
@@ -138,7 +138,7 @@ def export_fewshot(opts: Any) -> tuple[Path, Manifest]:
         err = parity.errors([ref_scores], [ort_scores])
         parity.check(f"K-image scores (n={len(images)})", *err, opts.score_tol)
         par["calib_score_max_abs"], par["calib_score_max_rel"] = err
-        input_spec = InputSpec(name="image", height=size, width=size, max_batch=opts.max_batch)
+        input_spec = InputSpec(name="image", height=hw[0], width=hw[1], max_batch=opts.max_batch)
         preprocess = PreprocessSpec(mean=list(spec.mean), std=list(spec.std))
         calibration = write_calibration_frames(
             tmp, shots, ort_scores, sessions, preprocess, input_spec, opts.calib_frames
@@ -166,7 +166,8 @@ def export_fewshot(opts: Any) -> tuple[Path, Manifest]:
             "fewshot.image_score": "Mahalanobis distance of the L2-normalised pooled teacher embedding (Ledoit-Wolf)",
             "fewshot.anomaly_map": f"per-position Gaussian at stride 8 ({cfg.density_dims} PCA dims), sigma "
             f"{cfg.sigma:g} px blur",
-            "train_image_size": size,
+            "train_image_size": cfg.image_size,
+            "train_input_hw": f"{hw[0]}x{hw[1]}",
             "parity_tolerance_part_rel": opts.parity_tol,
             "parity_tolerance_score_rel": opts.score_tol,
         }

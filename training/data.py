@@ -186,6 +186,19 @@ def input_shape(side: int, aspect: float) -> tuple[int, int]:
     return r32(side * root), r32(side / root)
 
 
+def resolve_hw(side: int, aspect: str | float, paths: list[Path]) -> tuple[tuple[int, int], str]:
+    """The input ``(height, width)`` for ``side`` and ``aspect`` (``auto``: :func:`measure_aspect` of ``paths``;
+    ``square``; or a height / width number), and the reason, for the log."""
+    if aspect == "square":
+        return (side, side), "aspect square"
+    if aspect == "auto":
+        found = measure_aspect(paths)
+        if found is None:
+            return (side, side), "the training images do not share one aspect: square"
+        return input_shape(side, found), f"the training images' height / width {found:.2f}"
+    return input_shape(side, float(aspect)), f"aspect {float(aspect):g}"
+
+
 def discover(
     root: str | Path,
     val_fraction: float = 0.1,

@@ -71,7 +71,13 @@ class FewShotConfig(BaseModel):
 
     shots: int = Field(..., ge=1, le=32, description="K: good images to learn from")
     backbone: str = Field("efficientnet_lite0", description="teacher to fine-tune")
-    image_size: int = Field(128, ge=32, multiple_of=32, description="square input side, pixels")
+    image_size: int = Field(
+        128, ge=32, multiple_of=32, description="input side, pixels (about image_size^2 pixels at the aspect)"
+    )
+    aspect: Literal["auto", "square"] | float = Field(
+        "auto", description="input height / width: auto (the shots' own when they share one) | square | a number"
+    )
+    shape: tuple[int, int] | None = Field(None, description="the input (height, width) resolved from the shots")
     steps: int = Field(40, ge=0, description="fine-tuning steps (0: keep the ImageNet teacher)")
     batch: int = Field(8, ge=1, description="images per step (two views each)")
     lr: float = Field(1e-4, gt=0, description="Adam learning rate of the trunk (head: 10x)")
@@ -84,6 +90,10 @@ class FewShotConfig(BaseModel):
     sigma: float = Field(4.0, gt=0, description="Gaussian blur of the anomaly map, pixels")
     target_far: float = Field(0.01, gt=0, lt=1, description="target false-alarm rate of the threshold rule")
     seed: int = Field(0, description="views, batches and head init")
+
+    def input_hw(self) -> tuple[int, int]:
+        """The input ``(height, width)``: the resolved ``shape``, else the square ``image_size``."""
+        return (int(self.shape[0]), int(self.shape[1])) if self.shape else (self.image_size, self.image_size)
 
 
 class EmbeddingGaussian(nn.Module):
@@ -132,17 +142,19 @@ def _blur_kernel(sigma: float) -> Tensor:
 class FewShotModel(nn.Module):
     """``image (B, 3, H, W)`` normalised -> ``(anomaly_map (B, 1, H, W), score (B,))``: the exported shape."""
 
-    def __init__(self, trunk: nn.Module, channels: tuple[int, int, int], image_size: int, dims: int, sigma: float):
+    def __init__(
+        self, trunk: nn.Module, channels: tuple[int, int, int], hw: tuple[int, int], dims: int, sigma: float
+    ) -> None:
         super().__init__()
         self.trunk = trunk
-        self.density = DensityHead(channels, (image_size, image_size), dims)
+        self.density = DensityHead(channels, hw, dims)
         self.gaussian = EmbeddingGaussian(sum(channels))
-        self.size = image_size
+        self.size = (int(hw[0]), int(hw[1]))
         self.register_buffer("kernel", _blur_kernel(sigma))
 
     def amap(self, density_map: Tensor) -> Tensor:
         """Stride-8 density map -> ``(B, 1, H, W)``: bilinear upsampling + separable Gaussian blur."""
-        m = F.interpolate(density_map, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        m = F.interpolate(density_map, size=self.size, mode="bilinear", align_corners=False)
         k = self.kernel
         pad = k.shape[-1] // 2
         m = F.conv2d(F.pad(m, (pad, pad, 0, 0), mode="reflect"), k)
@@ -299,11 +311,13 @@ def fit_fewshot(images01: Tensor, cfg: FewShotConfig) -> FewShotResult:
     """
     if images01.shape[0] != cfg.shots:
         raise ValueError(f"few-shot: expected {cfg.shots} images (--shots), got {images01.shape[0]}")
+    if tuple(images01.shape[-2:]) != cfg.input_hw():
+        raise ValueError(f"few-shot: images are {tuple(images01.shape[-2:])}, the config's input is {cfg.input_hw()}")
     t0 = time.perf_counter()
     trunk, history = fine_tune(images01, cfg)
     t1 = time.perf_counter()
     spec = get_spec(cfg.backbone)
-    model = FewShotModel(trunk, spec.channels, cfg.image_size, cfg.density_dims, cfg.sigma)
+    model = FewShotModel(trunk, spec.channels, cfg.input_hw(), cfg.density_dims, cfg.sigma)
     x, inst = _fit_views(images01, cfg, cfg.seed + 1)
     feats = _embed(trunk, x)
     model.density.fit(feats)
@@ -360,12 +374,12 @@ def choose_shots(data: str | Path, shots: int, seed: int) -> list[Path]:
     return [good[i] for i in idx]
 
 
-def load_images01(paths: list[Path], size: int) -> Tensor:
-    """Decode ``paths`` -> ``(N, 3, size, size)`` float32 RGB in [0, 1] (training's decoding and resizing)."""
+def load_images01(paths: list[Path], hw: tuple[int, int]) -> Tensor:
+    """Decode ``paths`` -> ``(N, 3, H, W)`` float32 RGB in [0, 1] (training's decoding and resizing)."""
     from training.data import preprocess, read_image
 
     zeros, ones = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    return torch.from_numpy(np.stack([preprocess(read_image(p), (size, size), zeros, ones) for p in paths]))
+    return torch.from_numpy(np.stack([preprocess(read_image(p), hw, zeros, ones) for p in paths]))
 
 
 def train_fewshot(data: str | Path, out: str | Path, cfg: FewShotConfig) -> Path:
@@ -381,7 +395,13 @@ def train_fewshot(data: str | Path, out: str | Path, cfg: FewShotConfig) -> Path
     out.mkdir(parents=True, exist_ok=True)
     paths = choose_shots(data, cfg.shots, cfg.seed)
     log.info("few-shot: K = %d good images from %s: %s", cfg.shots, data, ", ".join(p.name for p in paths))
-    res = fit_fewshot(load_images01(paths, cfg.image_size), cfg)
+    if cfg.shape is None:
+        from training.data import resolve_hw
+
+        hw, why = resolve_hw(cfg.image_size, cfg.aspect, paths)
+        log.info("few-shot: input %d x %d px (height x width): %s", *hw, why)
+        cfg = cfg.model_copy(update={"shape": hw})
+    res = fit_fewshot(load_images01(paths, cfg.input_hw()), cfg)
     ckpt = {
         "kind": CHECKPOINT_KIND,
         "version": 1,
@@ -425,7 +445,7 @@ def load_fewshot(run: str | Path) -> tuple[FewShotModel, FewShotConfig, dict]:
         raise CheckpointError(f"{path}: not a few-shot checkpoint")
     cfg = FewShotConfig.model_validate(ckpt["config"])
     spec = get_spec(cfg.backbone)
-    model = FewShotModel(build_teacher(cfg.backbone, pretrained=False), spec.channels, cfg.image_size,
+    model = FewShotModel(build_teacher(cfg.backbone, pretrained=False), spec.channels, cfg.input_hw(),
                          cfg.density_dims, cfg.sigma)  # fmt: skip
     try:
         model.load_state_dict(ckpt["model"], strict=True)

@@ -324,22 +324,16 @@ def resolve_shape(cfg: TrainConfig, data: str | Path) -> TrainConfig:
     a square halves their height and loses the thin cracks (``benchmarks/results/aspect.md``). Parts of mixed
     aspect stay square.
     """
-    from training.data import input_shape, measure_aspect
+    from training.data import resolve_hw
 
     if cfg.data.shape:
         return cfg
     side, aspect = cfg.data.image_size, cfg.data.aspect
-    if aspect == "square":
-        hw, why = (side, side), "data.aspect square"
-    elif aspect == "auto":
+    paths: list[Path] = []
+    if aspect == "auto":
         splits = discover(data, cfg.data.val_fraction, cfg.seed, max_images=cfg.data.max_images)
-        found = measure_aspect([s.path for s in [*splits.train, *splits.val]])
-        if found is None:
-            hw, why = (side, side), "the training images do not share one aspect: square"
-        else:
-            hw, why = input_shape(side, found), f"the training images' height / width {found:.2f}"
-    else:
-        hw, why = input_shape(side, float(aspect)), f"data.aspect {float(aspect):g}"
+        paths = [s.path for s in [*splits.train, *splits.val]]
+    hw, why = resolve_hw(side, aspect, paths)
     log.info("input %d x %d px (height x width) for data.image_size %d: %s", *hw, side, why)
     out = cfg.model_copy(deep=True)
     out.data.shape = hw

@@ -119,3 +119,31 @@ def test_export_at_another_size_keeps_the_aspect_and_refuses_a_fitted_density_he
         export_shape(HW, 100)
     with pytest.raises(ExportError, match=r"density head fitted at 128 x 64 px"):
         export_bundle(ExportOptions(run=tall_run[0], out=tmp_path / "b", image_size=64))
+
+
+def test_fewshot_keeps_the_shots_aspect_through_export_and_the_runtime(
+    tall_run: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    from export.fewshot_export import export_fewshot
+    from export.pipeline import ExportOptions
+    from runtime.bundle import load_manifest
+    from runtime.config import BackendConfig
+    from runtime.engine import AnomalyModel
+    from training.data import preprocess, read_image
+    from training.fewshot import FewShotConfig, load_fewshot, train_fewshot
+
+    category = tall_run[1]
+    run = tmp_path / "fewshot"
+    train_fewshot(category, run, FewShotConfig(shots=2, image_size=SIDE, steps=1, fit_views=2, density_dims=8))
+    model, cfg, _ = load_fewshot(run)
+    assert cfg.input_hw() == HW and cfg.aspect == "auto"
+    bundle, _ = export_fewshot(ExportOptions(run=run, out=tmp_path / "bundle"))
+    m = load_manifest(bundle)
+    assert (m.input.height, m.input.width) == HW and m.extra["train_input_hw"] == "128x64"
+    frame = read_image(sorted((category / "test" / "good").iterdir())[0])
+    with AnomalyModel(bundle, BackendConfig(kind="onnxruntime", threads=1)) as am:
+        got = am.predict(frame)
+    x = torch.from_numpy(preprocess(frame, HW, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))[None])
+    with torch.no_grad():
+        _, score = model(x)
+    assert got.anomaly_map.shape == HW and got.score == pytest.approx(float(score[0]), rel=1e-4)
