@@ -10,7 +10,7 @@ k good training images (the same draw ``rdedge train --shots k --seed s`` makes)
 - ``padim``: PaDiM-style density (:class:`training.scoring.DensityHead` on the frozen teacher, fitted on the same k
   images and the same augmented views), image score = max of the blurred map.
 
-Every test image is scored (the k training images are never test images); image AUROC, pixel AUROC (128 px masks),
+Every test image is scored (the k training images are never test images); image AUROC, pixel AUROC (masks at the input shape),
 and for ``fewshot`` the operating point of its k-image threshold (false-alarm rate on good test images, recall on
 defects). ``--full name=BUNDLE`` adds the full-data default (an exported ``rdedge train`` run) as a reference row.
 
@@ -38,8 +38,18 @@ log = logging.getLogger("few_shot")
 SIZE = 128
 
 
-def test_set(root: Path) -> dict[str, Any]:
-    """Preprocessed test images ``(N, 3, S, S)`` (teacher normalisation), labels, 128 px masks."""
+def input_hw(root: Path, aspect: str) -> tuple[int, int]:
+    """The input shape at ``SIZE`` for ``--aspect``: ``square``, or ``auto`` from the train/good images (the rule
+    ``rdedge train --shots K`` applies to its K shots; here to the whole folder, so every draw shares one shape)."""
+    from training.data import list_images, resolve_hw
+
+    if aspect == "square":
+        return SIZE, SIZE
+    return resolve_hw(SIZE, aspect, list_images(root / "train" / "good"))[0]
+
+
+def test_set(root: Path, hw: tuple[int, int]) -> dict[str, Any]:
+    """Preprocessed test images ``(N, 3, H, W)`` (teacher normalisation), labels, masks at ``hw``."""
     from training.backbones import get_spec
     from training.data import discover, preprocess, read_image, read_mask, resize_mask
 
@@ -48,10 +58,11 @@ def test_set(root: Path) -> dict[str, Any]:
     xs, masks = [], []
     for s in test:
         img = read_image(s.path)
-        xs.append(preprocess(img, (SIZE, SIZE), spec.mean, spec.std))
+        xs.append(preprocess(img, hw, spec.mean, spec.std))
         m = read_mask(s.mask, img.shape[:2]) if s.mask is not None else np.zeros(img.shape[:2], bool)
-        masks.append(resize_mask(m, (SIZE, SIZE)))
-    return {"x": torch.from_numpy(np.stack(xs)), "y": np.array([s.label for s in test]), "masks": np.stack(masks)}
+        masks.append(resize_mask(m, hw))
+    x = torch.from_numpy(np.stack(xs))
+    return {"x": x, "y": np.array([s.label for s in test]), "masks": np.stack(masks), "hw": hw}
 
 
 @torch.no_grad()
@@ -86,7 +97,7 @@ class PadimModel(torch.nn.Module):
         return amap, amap.flatten(1).amax(dim=1)
 
 
-def rd_draw(name: str, root: Path, k: int, seed: int, steps: int, work: Path) -> dict[str, Any]:
+def rd_draw(name: str, root: Path, k: int, seed: int, steps: int, work: Path, hw: tuple[int, int]) -> dict[str, Any]:
     """Plain RD trained by ``rdedge train``'s own loop on the same K images (student pinned to plain RD, ``steps``
     optimiser steps, the default selection and density head on the 10% of the K kept aside; K = 1 keeps none, so
     the RD paper's scoring), evaluated on the full test set like any run."""
@@ -103,7 +114,7 @@ def rd_draw(name: str, root: Path, k: int, seed: int, steps: int, work: Path) ->
     good.mkdir(parents=True)
     for i, src in enumerate(choose_shots(root, k, seed)):  # the same draw as the few-shot rows
         (good / f"{i:03d}{src.suffix}").symlink_to(src.resolve())
-    overrides = {"data.image_size": SIZE, "model.projection": "identity", "optim.steps": steps,
+    overrides = {"data.image_size": SIZE, "data.shape": list(hw), "model.projection": "identity", "optim.steps": steps,
                  "optim.batch_size": min(8, k), "seed": seed}  # fmt: skip
     t0 = time.perf_counter()
     fit(load_train_config(None, overrides), cat / "data", cat / "run", show_progress=False)
@@ -123,11 +134,11 @@ def one_draw(
     from training.fewshot import FewShotConfig, choose_shots, fit_fewshot, load_images01
 
     paths = choose_shots(root, k, seed)
-    imgs = load_images01(paths, (SIZE, SIZE))  # square, as measured before the aspect rule
+    imgs = load_images01(paths, ts["hw"])
     rows = []
     y, masks = ts["y"], ts["masks"]
     for method, n_steps in (("fewshot", steps), ("fewshot-frozen", 0)):
-        cfg = FewShotConfig(shots=k, image_size=SIZE, seed=seed, negatives=negatives,
+        cfg = FewShotConfig(shots=k, image_size=SIZE, shape=ts["hw"], seed=seed, negatives=negatives,
                             **({} if n_steps is None else {"steps": n_steps}))  # fmt: skip
         t0 = time.perf_counter()
         res = fit_fewshot(imgs, cfg)
@@ -161,11 +172,11 @@ def full_row(name: str, bundle: Path, root: Path, ts: dict[str, Any]) -> dict[st
     test = discover(root, need_test=True).test
     with AnomalyModel(bundle, BackendConfig(kind="onnxruntime", threads=2)) as am:
         preds = [am.predict(read_image(s.path)) for s in test]
-        size = am.manifest.input.height
+        size = (am.manifest.input.height, am.manifest.input.width)
     scores = np.array([p.score for p in preds])
     maps = np.stack([p.anomaly_map for p in preds])
-    if size != SIZE:
-        raise SystemExit(f"--full {bundle}: input {size} px, the benchmark's masks are {SIZE} px")
+    if size != ts["hw"]:
+        raise SystemExit(f"--full {bundle}: input {size}, the benchmark's masks are {ts['hw']}")
     return {"dataset": name, "k": "all", "seed": 0, "method": "full-data default (rdedge train)",
             "bundle": str(bundle), **auroc_pair(ts["y"], scores, ts["masks"], maps)}  # fmt: skip
 
@@ -237,6 +248,13 @@ def main() -> int:
         action="store_true",
         help="keep every row of an existing few_shot.json and run only the (dataset, k, draw) not in it yet",
     )
+    ap.add_argument(
+        "--aspect",
+        choices=["square", "auto"],
+        default="square",
+        help="input shape: square (the rows of before 2026-12-03) or auto (the parts' aspect, as rdedge train)",
+    )
+    ap.add_argument("--tag", default="", help="results go to few_shot_<tag>.{json,md,png}")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a crowded box)")
     ap.add_argument("--rd", action="store_true", help="also train plain RD on the same K images (a row 'rd')")
     ap.add_argument("--rd-steps", type=int, default=200, help="optimiser steps of the 'rd' rows")
@@ -247,7 +265,8 @@ def main() -> int:
     t_start = time.time()
     full = dict(s.split("=", 1) for s in args.full)
     rows: list[dict[str, Any]] = []
-    previous = args.results / "few_shot.json"
+    stem = f"few_shot{'_' + args.tag if args.tag else ''}"
+    previous = args.results / f"{stem}.json"
     if args.merge and previous.is_file():  # other datasets' draws from an earlier invocation
         rows = [r for r in json.loads(previous.read_text())["rows"] if r["dataset"] not in args.names]
     if args.resume and previous.is_file():  # every earlier draw; only the missing ones run
@@ -257,7 +276,7 @@ def main() -> int:
     stopped = False
     for name in args.names:
         root = args.datasets / name
-        ts = test_set(root)
+        ts = test_set(root, input_hw(root, args.aspect))
         if name in full:
             rows = [r for r in rows if not (r["dataset"] == name and r.get("k") == "all")]
             rows.append(full_row(name, Path(full[name]), root, ts))
@@ -269,7 +288,7 @@ def main() -> int:
                 if (name, k, seed) not in done:
                     rows.extend(one_draw(name, root, ts, k, seed, args.negatives, args.steps))
                 if args.rd and (name, k, seed) not in done_rd:
-                    rows.append(rd_draw(name, root, k, seed, args.rd_steps, args.work))
+                    rows.append(rd_draw(name, root, k, seed, args.rd_steps, args.work, ts["hw"]))
                 write(args, rows, t_start, stopped)  # a killed run keeps every finished draw
             if stopped:
                 break
@@ -285,6 +304,7 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]], t_start: float, 
         "date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         "conditions": {
             "image_size": SIZE,
+            "aspect": args.aspect,
             "backbone": "efficientnet_lite0 (ImageNet, PyPI wheel)",
             "ks": args.ks,
             "draws_requested": args.draws,
@@ -299,7 +319,8 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]], t_start: float, 
         "rows": rows,
     }
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "few_shot.json").write_text(json.dumps(out, indent=2))
+    stem = f"few_shot{'_' + args.tag if args.tag else ''}"
+    (args.results / f"{stem}.json").write_text(json.dumps(out, indent=2))
     lines = [
         "# Few-shot benchmark (seed 001)",
         "",
@@ -318,9 +339,9 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]], t_start: float, 
             f"| {r['dataset']} | {r['k']} | {r['method']} | {r['draws']} | {cell(r, 'image_auroc')} | "
             f"{cell(r, 'pixel_auroc')} | {cell(r, 'threshold_far')} | {cell(r, 'threshold_recall')} |"
         )
-    (args.results / "few_shot.md").write_text("\n".join(lines) + "\n")
+    (args.results / f"{stem}.md").write_text("\n".join(lines) + "\n")
     if summary:
-        plot(summary, args.results / "few_shot.png")
+        plot(summary, args.results / f"{stem}.png")
 
 
 if __name__ == "__main__":
