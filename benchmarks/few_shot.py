@@ -325,7 +325,7 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]], t_start: float, 
         "# Few-shot benchmark (seed 001)",
         "",
         f"{out['date']}; `benchmarks/few_shot.py`, {SIZE} px, lite0; draws per k as listed (requested "
-        f"{args.draws}{', stopped by the time cap' if stopped else ''}); mean +- std over draws. Raw: few_shot.json.",
+        f"{args.draws}{', stopped by the time cap' if stopped else ''}); mean +- std over draws. Raw: {stem}.json.",
         "",
         "| dataset | k | method | draws | image AUROC | pixel AUROC | FAR @ k-image thr | recall @ k-image thr |",
         "|---|---|---|---|---|---|---|---|",
