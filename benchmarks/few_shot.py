@@ -10,9 +10,10 @@ k good training images (the same draw ``rdedge train --shots k --seed s`` makes)
 - ``padim``: PaDiM-style density (:class:`training.scoring.DensityHead` on the frozen teacher, fitted on the same k
   images and the same augmented views), image score = max of the blurred map.
 
-Every test image is scored (the k training images are never test images); image AUROC, pixel AUROC (masks at the input shape),
-and for ``fewshot`` the operating point of its k-image threshold (false-alarm rate on good test images, recall on
-defects). ``--full name=BUNDLE`` adds the full-data default (an exported ``rdedge train`` run) as a reference row.
+Every test image is scored (the k training images are never test images); image AUROC, pixel AUROC (masks at the
+input shape), and for ``fewshot`` the operating point of its k-image threshold (false-alarm rate on good test
+images, recall on defects). ``--full name=BUNDLE`` adds the full-data default (an exported ``rdedge train`` run)
+as a reference row. ``--aspect auto`` sizes the input from the train/good images as ``rdedge train`` does.
 
     nice -n 10 python benchmarks/few_shot.py [--ks 1 2 4 8 16] [--draws 5] [--full kolektorsdd=BUNDLE ...]
 
