@@ -147,3 +147,28 @@ def test_fewshot_keeps_the_shots_aspect_through_export_and_the_runtime(
     with torch.no_grad():
         _, score = model(x)
     assert got.anomaly_map.shape == HW and got.score == pytest.approx(float(score[0]), rel=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [{"model.projection": "rdpp"}, {"model.objective": "rde"}], ids=["rdpp", "rde"])
+def test_rdpp_and_rde_train_on_tall_parts(
+    tall_run: tuple[Path, Path, Path], tmp_path: Path, overrides: dict[str, str]
+) -> None:
+    """RD++'s simplex noise and RD-E's Perlin masks are drawn on the tall input, not a square."""
+    from training.checkpoint import load_checkpoint
+    from training.config import load_train_config
+    from training.train import fit
+
+    cfg = load_train_config(
+        None,
+        {
+            **overrides,
+            "optim.steps": 2,
+            "optim.batch_size": 4,
+            "data.image_size": SIDE,
+            "data.val_fraction": 0.25,
+            "selection.every_steps": 2,
+            "selection.density": False,
+        },
+    )
+    best = fit(cfg, tall_run[1], tmp_path / "run", show_progress=False)
+    assert load_checkpoint(best)["config"]["data"]["shape"] == list(HW)
