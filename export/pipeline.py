@@ -233,8 +233,6 @@ def export_shape(trained: tuple[int, int], side: int | None) -> tuple[int, int]:
         return trained
     if side % 32 or side < 32:
         raise ExportError(f"--image-size must be a multiple of 32 (>= 32), got {side}")
-    if trained[0] == trained[1]:
-        return side, side
     from training.data import input_shape
 
     return input_shape(side, trained[0] / trained[1])

@@ -6,10 +6,10 @@ The validated config is stored in every checkpoint, so any tool can rebuild the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from training.errors import ConfigError
 from training.objective_config import ExtraConfig
@@ -17,6 +17,15 @@ from training.objective_config import ExtraConfig
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+#: An input aspect setting: ``auto``, ``square`` or a height / width ratio (training and few-shot share it).
+Aspect = Literal["auto", "square"] | Annotated[float, Field(ge=0.1, le=10.0)]
+
+
+def input_hw(side: int, shape: tuple[int, int] | None) -> tuple[int, int]:
+    """The model's input ``(height, width)``: a resolved ``shape``, else the square ``side``."""
+    return (int(shape[0]), int(shape[1])) if shape else (side, side)
 
 
 class DataConfig(_Strict):
@@ -27,7 +36,7 @@ class DataConfig(_Strict):
         description="input side in pixels (multiple of 32); for parts of another aspect the input keeps about "
         "image_size^2 pixels (see aspect)",
     )
-    aspect: Literal["auto", "square"] | float = Field(
+    aspect: Aspect = Field(
         "auto",
         description="input height / width: auto (the training images' own when they share one, else square) | "
         "square | a number (e.g. 2.5 for parts 2.5 times taller than wide)",
@@ -49,16 +58,9 @@ class DataConfig(_Strict):
         2048.0, gt=0, description="teacher features cached in RAM up to this size, in memmap files in the run past it"
     )
 
-    @field_validator("aspect")
-    @classmethod
-    def _aspect_range(cls, v: str | float) -> str | float:
-        if isinstance(v, float) and not 0.1 <= v <= 10.0:
-            raise ValueError(f"must be auto, square or a height / width ratio between 0.1 and 10 (got {v:g})")
-        return v
-
     def input_hw(self) -> tuple[int, int]:
         """The model's input ``(height, width)``: the resolved ``shape``, else the square ``image_size``."""
-        return (int(self.shape[0]), int(self.shape[1])) if self.shape else (self.image_size, self.image_size)
+        return input_hw(self.image_size, self.shape)
 
 
 class ModelConfig(_Strict):

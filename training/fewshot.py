@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from training.augment import AugmentPolicy, augment
 from training.backbones import build_teacher, get_spec
+from training.config import Aspect, input_hw
 from training.scoring import DensityHead
 from training.simclr import ProjectionHead, normalize
 from training.threshold import calibrate_threshold
@@ -74,7 +75,7 @@ class FewShotConfig(BaseModel):
     image_size: int = Field(
         128, ge=32, multiple_of=32, description="input side, pixels (about image_size^2 pixels at the aspect)"
     )
-    aspect: Literal["auto", "square"] | float = Field(
+    aspect: Aspect = Field(
         "auto", description="input height / width: auto (the shots' own when they share one) | square | a number"
     )
     shape: tuple[int, int] | None = Field(None, description="the input (height, width) resolved from the shots")
@@ -93,7 +94,7 @@ class FewShotConfig(BaseModel):
 
     def input_hw(self) -> tuple[int, int]:
         """The input ``(height, width)``: the resolved ``shape``, else the square ``image_size``."""
-        return (int(self.shape[0]), int(self.shape[1])) if self.shape else (self.image_size, self.image_size)
+        return input_hw(self.image_size, self.shape)
 
 
 class EmbeddingGaussian(nn.Module):

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from training.objective_config import RDEConfig
-from training.simplex import octave_noise
+from training.simplex import as_hw, octave_noise
 
 
 def _fade(t: Tensor) -> Tensor:
@@ -75,7 +75,7 @@ class PerlinAnomaly:
         seed: int = 0,
         bank: int = 8,
     ) -> None:
-        self.hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.hw = as_hw(size)
         self.cfg = cfg
         self.g = torch.Generator().manual_seed(seed * 7919 + 11)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)

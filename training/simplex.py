@@ -104,6 +104,11 @@ def octave_noise(
     return total / norm
 
 
+def as_hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    """``(height, width)`` of an image side or pair."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 class PseudoAnomaly:
     """RD++ simplex-noise pseudo-anomalies for a batch: one random noise patch per image, in [0, 1] image units.
 
@@ -126,7 +131,7 @@ class PseudoAnomaly:
         bank: int = 64,
         seed: int = 0,
     ) -> None:
-        self.hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.hw = as_hw(size)
         hi = min(patch[1], min(self.hw) - 2)
         self.patch = (min(patch[0], hi), hi)
         self.scale, self.octaves, self.persistence = scale, octaves, persistence
