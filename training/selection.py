@@ -47,14 +47,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.config import DENSITY_WEIGHTS, SCALE_SETS  # the config validates pins against them
 from training.errors import ConfigError
 from training.features import FeatureSet
 from training.metrics import auroc
-from training.scoring import Blur, ChannelStats, DensityHead, ScoreRecipe, centre_map, cosine_maps, reduce_map
+from training.scoring import ChannelStats, DensityHead, ScoreRecipe, UpBlur, centre_map, cosine_maps, reduce_map
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +166,7 @@ class Selector:
     ) -> None:
         self.good, self.synth = good, synth
         self.image_size = image_size
-        self.blur = Blur(image_size, sigma)
+        self.upblur = UpBlur(image_size, sigma)
         self.stats = stats
         self.cands = candidates(density is not None, pin, density_floor)
         st = pixel_stride
@@ -218,7 +217,7 @@ class Selector:
         out = []
         for fs in (self.good, self.synth):
             out += [head(*(f[i : i + batch].float() for f in fs.feats)) for i in range(0, len(fs), batch)]
-        return self.blur(F.interpolate(torch.cat(out), size=self.image_size, mode="bilinear", align_corners=False))
+        return self.upblur(torch.cat(out), False)
 
     def _scored(self, amap: Tensor) -> tuple[np.ndarray, np.ndarray]:
         """A finished map ``(N_good + N_synth, 1, H, W)`` -> image scores by its max, and its strided pixels."""
@@ -265,8 +264,7 @@ class Selector:
             recon = student(*feats)
             for std in (False, True):
                 for k, m in enumerate(cosine_maps(feats, recon, self.stats, std)):
-                    up = F.interpolate(m, size=self.image_size, mode="bilinear", align_corners=True)
-                    out[std][k].append(self.blur(up))
+                    out[std][k].append(self.upblur(m, True))
         return {std: [torch.cat(x) for x in per] for std, per in out.items()}
 
     def evaluate(self, student: nn.Module) -> Evaluation:

@@ -14,10 +14,12 @@ from scipy.ndimage import gaussian_filter
 from training.scoring import (
     PAPER_RECIPE,
     AnomalyScorer,
+    Blur,
     ChannelStats,
     DensityHead,
     FusedScorer,
     ScoreRecipe,
+    UpBlur,
     build_scoring,
     scoring_state,
 )
@@ -153,6 +155,40 @@ def test_paper_recipe_is_the_rd_formula(size: tuple[int, int]) -> None:
         assert amap.shape == (2, 1, *size) and score.shape == (2,)
         np.testing.assert_allclose(amap[:, 0].numpy(), want_map, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(score.numpy(), want_score, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("grid", "out", "align", "sigma"),
+    [
+        ((104, 40), (416, 160), True, 4.0),
+        ((52, 20), (416, 160), False, 4.0),
+        ((7, 5), (29, 23), True, 4.0),  # a radius of 16 larger than the map: the reflection wraps more than once
+        ((16, 16), (64, 64), False, 0.0),
+        ((13, 9), (13, 9), True, 2.0),
+    ],
+)
+def test_upblur_is_the_blur_of_the_bilinear_upsample(grid, out, align, sigma) -> None:
+    m = torch.rand(2, 1, *grid, generator=torch.Generator().manual_seed(3))
+    want = Blur(out, sigma)(F.interpolate(m, size=out, mode="bilinear", align_corners=align))
+    got = UpBlur(out, sigma)(m, align)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(UpBlur(out, sigma)(m, align, 0.25), 0.25 * want, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_map_is_the_blurred_blend_of_both_normalised_maps() -> None:
+    feats = _feats(2, seed=5)
+    recon = _recon(feats)
+    dens = torch.rand(2, 1, SIZE[0] // 8, SIZE[1] // 8) * 10
+    recipe = ScoreRecipe(weights=(0.0, 1.0, 1.0), density_weight=0.75, rd_norm=(0.3, 0.2), density_norm=(4.0, 2.5))
+    amap, _ = FusedScorer(SIZE, 4.0, recipe)(*feats, *recon, dens)
+    up = sum(
+        w
+        * F.interpolate((1 - F.cosine_similarity(f, d, dim=1)).unsqueeze(1), SIZE, mode="bilinear", align_corners=True)
+        for w, f, d in zip(recipe.weights, feats, recon, strict=True)
+    )
+    dmap = F.interpolate(dens, SIZE, mode="bilinear", align_corners=False)
+    want = Blur(SIZE, 4.0)(0.25 * (up - 0.3) / 0.2 + 0.75 * (dmap - 4.0) / 2.5)
+    torch.testing.assert_close(amap, want, rtol=1e-5, atol=1e-5)
 
 
 def test_topk_reduction_is_the_mean_of_the_top_one_percent() -> None:
