@@ -109,8 +109,39 @@ class FusedModel(nn.Module):
         return self.scorer(*feats, *recon)
 
 
+class _PaddedConv(torch.autograd.Function):
+    """``conv2d(pad(x))`` that exports as one ``Conv`` with (asymmetric) ``pads`` instead of ``Pad`` + ``Conv``.
+
+    Measured on the 416 x 160 lite0 teacher (ONNX Runtime CPU, 2 threads), its four ``Pad`` nodes took about 1.2 ms
+    of 7.8: ONNX Runtime does not fold them into the convolutions itself. ONNX ``Conv`` and TensorRT take
+    asymmetric padding, and zero padding in the convolution is the same arithmetic.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: object, x: Tensor, weight: Tensor, bias: Tensor | None, conv: nn.Conv2d, pad: tuple[int, int, int, int]
+    ) -> Tensor:
+        return F.conv2d(F.pad(x, pad), weight, bias, conv.stride, 0, conv.dilation, conv.groups)
+
+    @staticmethod
+    def symbolic(  # type: ignore[no-untyped-def]
+        g, x, weight, bias, conv: nn.Conv2d, pad: tuple[int, int, int, int]
+    ):
+        left, right, top, bottom = pad
+        args = [x, weight] if bias is None or bias.node().mustBeNone() else [x, weight, bias]
+        return g.op(
+            "Conv",
+            *args,
+            kernel_shape_i=list(conv.kernel_size),
+            pads_i=[top, left, bottom, right],
+            strides_i=list(conv.stride),
+            dilations_i=list(conv.dilation),
+            group_i=conv.groups,
+        )
+
+
 class _StaticPadConv(nn.Module):
-    """A TF-'SAME' conv with its padding fixed for one input size: ``Pad`` with constants, then ``Conv``."""
+    """A TF-'SAME' conv with its padding fixed for one input size (one ``Conv`` with ``pads`` in ONNX)."""
 
     def __init__(self, conv: nn.Conv2d, pad: tuple[int, int, int, int]) -> None:
         super().__init__()
@@ -119,7 +150,7 @@ class _StaticPadConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         c = self.conv
-        return F.conv2d(F.pad(x, self.pad), c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
+        return cast(Tensor, _PaddedConv.apply(x, c.weight, c.bias, c, self.pad))
 
 
 def _same_pad(size: int, k: int, s: int, d: int) -> int:
