@@ -1,7 +1,8 @@
 """Does pacing frames like a camera slow ``predict`` down, and is it ONNX Runtime's thread pool or the idle CPU?
 
 Scores the same decoded frames back to back, paced at ``--fps`` with a sleep between frames, and paced with a
-busy-wait instead, at 2 and 1 ONNX Runtime threads. Writes ``benchmarks/results/pacing_<tag>.json``.
+busy-wait instead, at 2 and 1 ONNX Runtime threads, through the part chain and (``--fused``, when the bundle has
+``model.onnx``) the one-graph model too. Writes ``benchmarks/results/pacing_<tag>.json``.
 
     python benchmarks/pacing.py --bundle BUNDLE --images DIR [--fps 10] [--tag 256px]
 """
@@ -32,12 +33,14 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=40)
     ap.add_argument("--tag", default="256px")
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--fused", action="store_true", help="also the fused one-graph model (model.onnx)")
     args = ap.parse_args()
     paths = sorted(p for p in args.images.iterdir() if p.is_file())[: args.frames]
     frames = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in paths]
     rows = []
-    for threads in (2, 1):
-        model = AnomalyModel(args.bundle, BackendConfig(threads=threads))
+    variants = [(t, f) for t in (2, 1) for f in ((False, True) if args.fused else (False,))]
+    for threads, fused in variants:
+        model = AnomalyModel(args.bundle, BackendConfig(threads=threads, fused=fused))
         try:
             for _ in range(10):
                 model.predict(frames[0])
@@ -54,7 +57,7 @@ def main() -> int:
                                 while time.perf_counter() < nxt:
                                     pass
                         ms.append(model.predict(f).timings_ms["total"])
-                row = {"threads": threads, "mode": mode, "p50": float(np.percentile(ms, 50)),
+                row = {"threads": threads, "fused": fused, "mode": mode, "p50": float(np.percentile(ms, 50)),
                        "p99": float(np.percentile(ms, 99)), "n": len(ms)}  # fmt: skip
                 print(row, flush=True)
                 rows.append(row)
