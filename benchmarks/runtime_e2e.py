@@ -3,7 +3,7 @@
 Starts mosquitto on a free loopback port, a paho subscriber, and ``rdedge run`` as a real subprocess on an image
 folder replayed as a camera at ``--fps`` (so frames are not queued), then reads every result message.
 
-    python benchmarks/runtime_e2e.py --bundle BUNDLE --images DIR [--fps 10] [--threads 2]
+    python benchmarks/runtime_e2e.py --bundle BUNDLE --images DIR [--fps 10] [--threads 2] [--fused] [--spinning]
 
 Latencies: ``latency_ms.total`` = preprocess + inference (decoded frame in, score out); ``frame_to_result`` = grab
 -> verdict built; ``delivered`` = grab -> the subscriber received the message (on loopback the PUBACK reaches the
@@ -42,6 +42,8 @@ def main() -> int:
     ap.add_argument("--images", type=Path, required=True)
     ap.add_argument("--fps", type=float, default=10.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fused", action="store_true", help="backend.fused: run the bundle's fused graph")
+    ap.add_argument("--spinning", action="store_true", help="backend.spinning: ORT worker threads busy-wait")
     ap.add_argument("--stats-interval", type=float, default=2.0, help="mqtt.stats_interval_s of the service")
     ap.add_argument(
         "--broker-nagle",
@@ -56,7 +58,8 @@ def main() -> int:
         cfg = Path(tmp) / "config.yaml"
         cfg.write_text(
             f"bundle: {args.bundle.resolve()}\n"
-            f"backend: {{kind: onnxruntime, threads: {args.threads}}}\n"
+            f"backend: {{kind: onnxruntime, threads: {args.threads}, fused: {str(args.fused).lower()}, "
+            f"spinning: {str(args.spinning).lower()}}}\n"
             f"cameras:\n  - name: cam0\n    max_fps: {args.fps}\n"
             f"    source: {{kind: folder, path: {args.images.resolve()}, loop: false}}\n"
             f"mqtt: {{host: 127.0.0.1, port: {broker.port}, device_id: bench, "
@@ -101,7 +104,8 @@ def main() -> int:
     res = {
         "date": time.strftime("%Y-%m-%d"), "bundle": str(args.bundle), "images": str(args.images),
         "n_images": n_images, "n_results": len(got), "seqs_unique": len({m["seq"] for _, m in got}),
-        "fps_paced": args.fps, "threads": args.threads, "broker_tcp_nodelay": not args.broker_nagle,
+        "fps_paced": args.fps, "threads": args.threads,
+        "fused": args.fused, "spinning": args.spinning, "broker_tcp_nodelay": not args.broker_nagle,
         "cold_start_to_first_verdict_s": (got[0][0] - t0) if got else None,
         "inference_ms": {"p50": pct(total, 50), "p99": pct(total, 99)},
         "frame_to_result_ms": {"p50": pct(f2r, 50), "p99": pct(f2r, 99)},

@@ -14,7 +14,8 @@ backend, threads and bundle) under conditions that add one difference at a time,
 - with ``--e2e``, ``service``: ``benchmarks/runtime_e2e.py`` on the same bundle and folder (real mosquitto, real
   ``rdedge run`` process); its ``inference`` figure is the same ``predict`` measured inside the service.
 
-    python benchmarks/service_overhead.py --bundle BUNDLE --images DIR [--fps 10] [--threads 2] [--e2e]
+    python benchmarks/service_overhead.py --bundle BUNDLE --images DIR [--fps 10] [--threads 2] \
+        [--fused] [--spinning] [--e2e]
 
 Writes ``benchmarks/results/service_overhead_<tag>.json``.
 """
@@ -96,6 +97,8 @@ def main() -> int:
     ap.add_argument("--images", type=Path, required=True)
     ap.add_argument("--fps", type=float, default=10.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fused", action="store_true", help="backend.fused: run the bundle's fused graph")
+    ap.add_argument("--spinning", action="store_true", help="backend.spinning: ORT worker threads busy-wait")
     ap.add_argument("--frames", type=int, default=60, help="images used (each condition scores them --rounds times)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--e2e", action="store_true", help="also run benchmarks/runtime_e2e.py on the same inputs")
@@ -106,12 +109,13 @@ def main() -> int:
     if not paths:
         raise SystemExit(f"--images {args.images}: no images")
     frames = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in paths]
-    backend = BackendConfig(kind="onnxruntime", threads=args.threads)
+    backend = BackendConfig(kind="onnxruntime", threads=args.threads, fused=args.fused, spinning=args.spinning)
     b = bench(args.bundle, backend, frames=300, image=paths[0])  # exactly `rdedge bench --image FIRST`
     model = AnomalyModel(args.bundle, backend)
     out: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"), "bundle": str(args.bundle), "images": str(args.images),
-        "frame_hw": list(frames[0].shape[:2]), "fps": args.fps, "threads": args.threads, "cpus": os.cpu_count(),
+        "frame_hw": list(frames[0].shape[:2]), "fps": args.fps, "threads": args.threads,
+        "fused": args.fused, "spinning": args.spinning, "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "conditions": {"rdedge_bench": {"predict_ms": b["stages_ms"]["total"], "image": str(paths[0])}},
     }  # fmt: skip
@@ -135,7 +139,7 @@ def main() -> int:
         e2e_json.mkdir(exist_ok=True)
         cmd = [sys.executable, str(REPO / "benchmarks" / "runtime_e2e.py"), "--bundle", str(args.bundle),
                "--images", str(args.images), "--fps", str(args.fps), "--threads", str(args.threads),
-               "--out", str(e2e_json)]  # fmt: skip
+               "--out", str(e2e_json)] + ["--fused"] * args.fused + ["--spinning"] * args.spinning  # fmt: skip
         subprocess.run(cmd, check=True)
         found = sorted(e2e_json.glob("runtime_e2e.json"))
         out["conditions"]["service"] = json.loads(found[-1].read_text()) if found else None

@@ -168,16 +168,17 @@ def comparison_variants(
 ) -> list[tuple[str, BackendConfig]]:
     """The backend settings this box can run for a bundle, cheapest to set up first.
 
-    ONNX Runtime CPU (chain, and fused when the bundle has it); ONNX Runtime CUDA when the installed onnxruntime has
-    the CUDA provider and the bundle has no INT8 parts (their QDQ graphs are the CPU path); TensorRT (chain, chain +
-    CUDA graph, fused) when the bundle has engines and tensorrt imports. Engines built for another device are still
-    listed: their row then says why they cannot run. ``threads`` (ONNX Runtime CPU intra-op threads, 0 = its
-    default) and ``allow_failed_int8`` go into every setting.
+    ONNX Runtime CPU (chain, and fused with and without ``backend.spinning`` when the bundle has it); ONNX Runtime
+    CUDA when the installed onnxruntime has the CUDA provider and the bundle has no INT8 parts (their QDQ graphs are
+    the CPU path); TensorRT (chain, chain + CUDA graph, fused) when the bundle has engines and tensorrt imports.
+    Engines built for another device are still listed: their row then says why they cannot run. ``threads`` (ONNX
+    Runtime CPU intra-op threads, 0 = its default) and ``allow_failed_int8`` go into every setting.
     """
     base = {"threads": threads, "allow_failed_int8": allow_failed_int8}
     out = [("onnxruntime cpu", BackendConfig(**base))]
     if manifest.fused is not None:
         out.append(("onnxruntime cpu fused", BackendConfig(fused=True, **base)))
+        out.append(("onnxruntime cpu fused spinning", BackendConfig(fused=True, spinning=True, **base)))
     try:
         import onnxruntime
 

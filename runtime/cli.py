@@ -213,6 +213,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 "device": args.device,
                 "threads": args.threads,
                 "fused": args.fused,
+                "spinning": args.spinning,
                 "allow_failed_int8": args.allow_failed_int8,
             }
         )
@@ -328,12 +329,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=10, help="untimed frames first")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime CPU threads (0: default)")
     p.add_argument("--fused", action="store_true", help="run the fused model.onnx instead of the chain")
+    p.add_argument(
+        "--spinning",
+        action="store_true",
+        help="onnxruntime CPU: let the worker threads busy-wait (backend.spinning); best with --fused",
+    )
     p.add_argument("--image", type=Path, default=None, help="frame to feed (default: synthetic 1280x720)")
     p.add_argument(
         "--compare",
         action="store_true",
         help="bench every backend this box can run (ORT CPU/CUDA, chain/fused, TensorRT +- CUDA graph), each in its "
-        "own process, and print them side by side (--backend/--device/--fused are then ignored; --threads applies)",
+        "own process, and print them side by side (--backend/--device/--fused/--spinning are then ignored; --threads "
+        "applies)",
     )
     p.add_argument(
         "--also", type=Path, action="append", default=[], help="with --compare: another bundle (e.g. the int8 one)"

@@ -42,6 +42,13 @@ class BackendConfig(_Strict):
     device: Literal["cpu", "cuda"] = Field("cpu", description="onnxruntime execution device; tensorrt is always cuda")
     threads: int = Field(0, ge=0, le=256, description="CPU threads for onnxruntime; 0 lets it choose")
     fused: bool = Field(False, description="run the bundle's fused single graph instead of the chained parts")
+    spinning: bool = Field(
+        False,
+        description="onnxruntime CPU: intra-op worker threads busy-wait for work instead of sleeping. Saves the "
+        "thread wake-up on every frame of a paced camera (measured at 256 px with the fused graph: 22.4 -> 14.5 ms "
+        "p50) but keeps a core busy; on a small box it can starve the capture and MQTT threads, most with several "
+        "chained sessions. Off unless measured on your box (README, Latency and footprint)",
+    )
     cuda_graph: bool = Field(False, description="tensorrt: capture the chain in a CUDA graph after warm-up")
     gpu_id: int = Field(0, ge=0, description="CUDA device ordinal")
     allow_failed_int8: bool = Field(

@@ -95,6 +95,26 @@ def test_score_localised_defect_peaks_at_the_defect(tiny_bundle: Path) -> None:
     assert 0 < score[0] < 1.0 and score[0] == pytest.approx(amap.max())
 
 
+def _spinning(backend) -> list[str]:  # type: ignore[no-untyped-def]
+    key = "session.intra_op.allow_spinning"
+    return [s.get_session_options().get_session_config_entry(key) for _, s in backend._parts]
+
+
+def test_spinning_is_off_unless_asked_and_scores_the_same(tiny_bundle: Path, caplog: pytest.LogCaptureFixture) -> None:
+    m = load_manifest(tiny_bundle)
+    x = {"image": _images(3)}
+    with (
+        create_backend(tiny_bundle, m, BackendConfig(fused=True, threads=2)) as calm,
+        create_backend(tiny_bundle, m, BackendConfig(fused=True, threads=2, spinning=True)) as spin,
+    ):
+        assert _spinning(calm) == ["0"] and _spinning(spin) == ["1"]
+        np.testing.assert_array_equal(calm.run(x)[0]["score"], spin.run(x)[0]["score"])
+    assert "chained sessions" not in caplog.text
+    with create_backend(tiny_bundle, m, BackendConfig(threads=1, spinning=True)) as chain:
+        assert _spinning(chain) == ["1"] * 5
+    assert "backend.spinning with 5 chained sessions" in caplog.text
+
+
 def test_fused_requested_without_fused_graph(tmp_path: Path) -> None:
     from tests.helpers.onnx_bundle import make_tiny_bundle
 
