@@ -45,9 +45,10 @@ class BackendConfig(_Strict):
     spinning: bool = Field(
         False,
         description="onnxruntime CPU: intra-op worker threads busy-wait for work instead of sleeping. Saves the "
-        "thread wake-up on every frame of a paced camera (measured at 256 px with the fused graph: 22.4 -> 14.5 ms "
-        "p50) but keeps a core busy; on a small box it can starve the capture and MQTT threads, most with several "
-        "chained sessions. Off unless measured on your box (README, Latency and footprint)",
+        "thread wake-up on every frame of a paced camera (measured inside `rdedge run` at 256 px, fused graph, 2 "
+        "cores: 20.9 -> 18.8 ms p50 inference) but keeps a core busy (2.1x the CPU per verdict); on a small box it "
+        "can starve the capture and MQTT threads, most with several chained sessions. Off unless measured on your "
+        "box (README, Latency and footprint)",
     )
     cuda_graph: bool = Field(False, description="tensorrt: capture the chain in a CUDA graph after warm-up")
     gpu_id: int = Field(0, ge=0, description="CUDA device ordinal")
