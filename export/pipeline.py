@@ -276,6 +276,19 @@ def _density_choice(record: dict[str, Any] | None, uses_density: bool) -> dict[s
     }
 
 
+def _wide_choice(record: dict[str, Any] | None, uses_density: bool) -> dict[str, str]:
+    """Manifest lines for the density head's wide-Gaussian blend (chosen in training); empty without one."""
+    if not record or not uses_density:
+        return {}
+    k = int(record["window"])
+    out = {
+        "density.wide_share": f"{float(record['chosen']):g}",
+        "density.wide_window": f"{k}x{k}" if float(record["chosen"]) > 0 else "none (plain Gaussian)",
+        "density.wide_signal_gain": f"{record['gain']:+.4f} (se {record['se']:.4f})",
+    }
+    return out
+
+
 def _centre_choice(record: dict[str, Any] | None) -> dict[str, str]:
     """Manifest lines for the per-image centring choice (made in training); empty for older runs."""
     if not record:
@@ -426,6 +439,7 @@ def export_bundle(opts: ExportOptions) -> tuple[Path, Manifest]:
             **({"scoring.candidates": len(scoring.info["candidates"])} if "candidates" in scoring.info else {}),
             **_student_choice(scoring.info.get("projection")),
             **_density_choice(scoring.info.get("density_knn"), scoring.density is not None),
+            **_wide_choice(scoring.info.get("density_wide"), scoring.density is not None),
             **_centre_choice(scoring.info.get("centre")),
             "parity_tolerance_part_rel": opts.parity_tol,
             "parity_tolerance_score_rel": opts.score_tol,

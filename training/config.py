@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from training.errors import ConfigError
 from training.objective_config import ExtraConfig
@@ -125,6 +125,14 @@ class SelectionConfig(_Strict):
         "coreset ratio; the peers use 0.01); the validation signal decides whether the map is blended in "
         "(kNN share 0 or 0.5); 0: the Gaussian alone, no bank",
     )
+    density_aggregate: int = Field(
+        3,
+        ge=0,
+        le=9,
+        description="window of the density head's wide Gaussian candidate: a second per-position Gaussian on the "
+        "teacher maps averaged over k x k (PatchCore's local aggregation), blended in (share 0 or 0.5) only if the "
+        "validation signal rates the blend higher; an odd window, or 0: no candidate",
+    )
     centre: Literal["auto", "on", "off"] = Field(
         "auto",
         description="subtract each image's own median from its anomaly map; auto: only when the density map's "
@@ -152,6 +160,13 @@ class SelectionConfig(_Strict):
         "weight, RD alone included); a pinned density_weight overrides it",
     )
     pin: PinConfig = Field(default_factory=PinConfig, description="scoring settings fixed instead of chosen")
+
+    @field_validator("density_aggregate")
+    @classmethod
+    def _odd_window(cls, v: int) -> int:
+        if v and v % 2 == 0:
+            raise ValueError(f"must be 0 or an odd window, got {v}")
+        return v
 
     @model_validator(mode="after")
     def _pin_is_a_candidate(self) -> SelectionConfig:

@@ -226,6 +226,14 @@ class ChannelStats(nn.Module):
         return (x - getattr(self, f"mean{k}")) / getattr(self, f"std{k}")
 
 
+def aggregate_features(feats: list[Tensor] | tuple[Tensor, ...], k: int) -> list[Tensor]:
+    """Each ``(B, C, h, w)`` map averaged over its ``k x k`` neighbourhood, stride 1, the zero padding not counted
+    (PatchCore's local aggregation; border positions average fewer cells); ``k <= 1`` returns them as they are."""
+    if k <= 1:
+        return list(feats)
+    return [F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False) for f in feats]
+
+
 class DensityHead(nn.Module):
     """Per-position Gaussian density of the teacher features (PaDiM, Defard et al. 2021), at stride 8.
 
@@ -242,13 +250,26 @@ class DensityHead(nn.Module):
     varying shape, textures); the kNN map can, but alone it loses AUPRO. With a bank the output is
     ``(1 - b) * (gauss - g_loc) / g_scale + b * (knn - k_loc) / k_scale``, both maps in units of their spread on the
     good validation images, ``b`` chosen by the validation signal (:func:`training.selection.choose_knn_blend`).
+
+    **Optional wide Gaussian** (``aggregate = k > 0``; PatchCore's local aggregation): a second per-position
+    Gaussian fitted on the teacher maps averaged over ``k x k`` (stride 1, zero padding not counted), which sees a
+    wider neighbourhood per position (large, low-contrast defects) and smears thin ones. With it the Gaussian term is
+    ``(1 - a) * (g - g_loc) / g_scale + a * (wide - w_loc) / w_scale``, ``a`` chosen by the validation signal
+    (:func:`training.selection.choose_wide_blend`); the kNN blend, if any, is applied to that term.
     The part keeps its inputs and output, so bundles, export and runtime are unchanged.
     """
 
     def __init__(
-        self, channels: tuple[int, int, int], image_size: tuple[int, int], dims: int = 64, knn: int = 0
+        self,
+        channels: tuple[int, int, int],
+        image_size: tuple[int, int],
+        dims: int = 64,
+        knn: int = 0,
+        aggregate: int = 0,
     ) -> None:
         super().__init__()
+        if aggregate < 0 or (aggregate and aggregate % 2 == 0):
+            raise ValueError(f"aggregate must be 0 (no wide Gaussian) or an odd window >= 1, got {aggregate}")
         c = sum(channels)
         self.grid = (image_size[0] // 8, image_size[1] // 8)
         p = self.grid[0] * self.grid[1]
@@ -264,6 +285,11 @@ class DensityHead(nn.Module):
             self.register_buffer("bank_sq", torch.zeros(self.knn))  # (M,) squared norms
             # blend b, (g_loc, g_scale), (k_loc, k_scale)
             self.register_buffer("blend", torch.tensor([0.0, 0.0, 1.0, 0.0, 1.0]))
+        self.aggregate = int(aggregate)
+        if self.aggregate:
+            self.wide = DensityHead(channels, image_size, dims)
+            # share a, (g_loc, g_scale), (w_loc, w_scale)
+            self.register_buffer("wide_blend", torch.tensor([0.0, 0.0, 1.0, 0.0, 1.0]))
 
     def embed(self, f1: Tensor, f2: Tensor, f3: Tensor) -> Tensor:
         """``(B, C, P)`` stride-8 features, P = H/8 * W/8."""
@@ -273,7 +299,21 @@ class DensityHead(nn.Module):
         return x.flatten(2)
 
     def gaussian(self, f1: Tensor, f2: Tensor, f3: Tensor) -> Tensor:
-        """The Mahalanobis map ``(B, 1, H/8, W/8)`` alone."""
+        """The Gaussian term ``(B, 1, H/8, W/8)``: the Mahalanobis map, blended with the wide Gaussian's if any."""
+        g = self.mahalanobis(f1, f2, f3)
+        if not self.aggregate:
+            return g
+        a, gl, gs, wl, ws = self.wide_blend.unbind(0)
+        return (1.0 - a) * (g - gl) / gs + a * (self.wide_map(f1, f2, f3) - wl) / ws
+
+    def wide_map(self, f1: Tensor, f2: Tensor, f3: Tensor) -> Tensor:
+        """The wide Gaussian's Mahalanobis map of the ``aggregate x aggregate``-averaged features."""
+        if not self.aggregate:
+            raise ValueError("wide_map needs a head built with aggregate > 0")
+        return self.wide.mahalanobis(*aggregate_features((f1, f2, f3), self.aggregate))
+
+    def mahalanobis(self, f1: Tensor, f2: Tensor, f3: Tensor) -> Tensor:
+        """The Mahalanobis map ``(B, 1, H/8, W/8)`` of this head's own Gaussian alone."""
         x = self.embed(f1, f2, f3) - self.center  # (B, C, P)
         y = torch.matmul(self.basis, x) - self.mean  # (B, d, P)
         z = torch.matmul(y.permute(2, 0, 1), self.chol)  # (P, B, d)
@@ -342,6 +382,25 @@ class DensityHead(nn.Module):
         self.blend.copy_(torch.tensor([b, *gauss_norm, *knn_norm], dtype=torch.float32))
 
     @torch.no_grad()
+    def fit_wide(self, feats: list[Tensor], batch: int = 8) -> DensityHead:
+        """Fit the wide Gaussian on the training features (aggregated batch by batch); its share stays 0 until
+        :meth:`set_wide_blend`."""
+        if not self.aggregate:
+            raise ValueError("fit_wide needs a head built with aggregate > 0")
+        self.wide.fit(feats, batch=batch, aggregate=self.aggregate)
+        return self
+
+    def set_wide_blend(self, a: float, gauss_norm: tuple[float, float], wide_norm: tuple[float, float]) -> None:
+        """``a``: share of the wide Gaussian; the norms: ``(loc, scale)`` of each map on good validation images."""
+        self.wide_blend.copy_(torch.tensor([a, *gauss_norm, *wide_norm], dtype=torch.float32))
+
+    def drop_wide(self) -> None:
+        """Remove the wide Gaussian (the Gaussian term is this head's own Mahalanobis map again), in place."""
+        del self.wide
+        delattr(self, "wide_blend")
+        self.aggregate = 0
+
+    @torch.no_grad()
     def fit(
         self,
         feats: list[Tensor],
@@ -349,6 +408,7 @@ class DensityHead(nn.Module):
         shrink: float | Literal["lw"] = 0.01,
         window: int = 1,
         pool: str = "cov",
+        aggregate: int = 1,
     ) -> DensityHead:
         """Fit on training features (per scale ``(N, C_k, h, w)``), streaming: memory is one batch of embeddings
         plus ``C x C`` and ``N x dims x P`` accumulators, whatever the teacher's width.
@@ -363,12 +423,15 @@ class DensityHead(nn.Module):
                 a neighbourhood gives it ``w * w`` times as many.
             pool: ``cov`` pools only the within-position scatter (each position keeps its own mean), ``both``
                 pools mean and covariance (each position models its whole neighbourhood: tolerant of shifts).
+            aggregate: each batch's maps averaged over ``aggregate x aggregate`` first (:func:`aggregate_features`;
+                1: as they are). The wide Gaussian is fitted this way.
         """
         n = feats[0].shape[0]
 
         def chunks() -> Iterator[Tensor]:
             for i in range(0, n, batch):
-                yield self.embed(*(f[i : i + batch].float() for f in feats))  # (b, C, P)
+                maps = aggregate_features([f[i : i + batch].float() for f in feats], aggregate)
+                yield self.embed(*maps)  # (b, C, P)
 
         c = sum(int(f.shape[1]) for f in feats)
         total, s1, s2 = 0, torch.zeros(c, dtype=torch.float64), torch.zeros(c, c, dtype=torch.float64)
@@ -578,7 +641,13 @@ def build_scoring(
         stats.load_state_dict(state["stats"])
     density = None
     if recipe.uses_density:
-        density = DensityHead(channels, image_size, int(state["density_dims"]), int(state.get("density_knn", 0)))
+        density = DensityHead(
+            channels,
+            image_size,
+            int(state["density_dims"]),
+            int(state.get("density_knn", 0)),
+            int(state.get("density_aggregate", 0)),
+        )
         density.load_state_dict(state["density"])
         density.eval()
         scorer: AnomalyScorer = FusedScorer(image_size, sigma, recipe, stats)
@@ -598,4 +667,5 @@ def scoring_state(
         state["density"] = {k: v.detach().cpu() for k, v in density.state_dict().items()}
         state["density_dims"] = density.dims
         state["density_knn"] = density.knn
+        state["density_aggregate"] = density.aggregate
     return state

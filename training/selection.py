@@ -456,6 +456,56 @@ def choose_knn_blend(
     return record
 
 
+#: Share of the wide (aggregated-feature) Gaussian that :func:`choose_wide_blend` tries against the plain Gaussian.
+WIDE_SHARE = 0.5
+
+
+def choose_wide_blend(density: DensityHead, selector: Selector, share: float = WIDE_SHARE) -> dict[str, Any]:
+    """Blend the head's wide (aggregated-feature) Gaussian in at ``share`` only if the validation signal gains
+    from it by more than one bootstrap standard error of the paired difference; otherwise drop it.
+
+    Both maps are put in units of their spread on the good validation images, as the RD / density fusion does.
+    The signal sees both what the wider neighbourhood gains (large, low-contrast defects) and what it costs (thin
+    defects smeared), but its margins are often inside its noise; a choice that costs a second Gaussian at run time
+    must be clear, as per-image centring's must (:func:`choose_centring`). ``benchmarks/aggregate_signal.py``
+    checked the rule on validation images before it was built: it refused the blend on every 128 px seed of
+    magnetic_tile, kolektorsdd and elpv_mono (where the test sets say it costs AUPRO) and chose it on 2 of 3 seeds
+    of magnetic_tile and kolektorsdd at 256 px (where the test sets say it gains). Call before
+    :func:`choose_knn_blend`, which blends its kNN map into the term chosen here. Returns the record written to
+    ``selection.json``.
+    """
+    if not density.aggregate:
+        raise ValueError("choose_wide_blend needs a head with a wide Gaussian (aggregate > 0)")
+    n_good = len(selector.good)
+    g = selector.blurred(density.mahalanobis)
+    w = selector.blurred(density.wide_map)
+    gn, wn = _norm(g[:n_good]), _norm(w[:n_good])
+    plain = (g - gn[0]) / gn[1]
+    mixed = (1 - share) * plain + share * (w - wn[0]) / wn[1]
+    gain, se = selector.paired_gain(plain, mixed)
+    chosen = share if gain > se else 0.0
+    window = density.aggregate
+    if chosen:
+        density.set_wide_blend(chosen, gn, wn)
+    else:
+        density.drop_wide()
+    selector.set_density(density)
+    record = {
+        "rule": f"share {share:g} of the wide Gaussian only if the validation signal gains more than one bootstrap "
+        "standard error of the paired difference; otherwise the plain Gaussian",
+        "window": window,
+        "gain": gain,
+        "se": se,
+        "chosen": chosen,
+        "gauss_norm": list(gn),
+        "wide_norm": list(wn),
+    }
+    log.info(
+        "density head: wide Gaussian (%dx%d) share %g (signal gain %+.4f, se %.4f)", window, window, chosen, gain, se
+    )
+    return record
+
+
 def choose_centring(selector: Selector, mode: str = "auto") -> dict[str, Any]:
     """Decide, before training, whether every map of the run is centred per image (:func:`~training.scoring.
     centre_map`); sets ``selector.centre`` and returns the record written to ``selection.json``.

@@ -207,6 +207,7 @@ class Frozen:
     val_samples: list[Sample] = field(default_factory=list)
     cache_s: float = 0.0
     knn_choice: dict[str, Any] | None = None
+    wide_choice: dict[str, Any] | None = None
     centre_choice: dict[str, Any] | None = None
 
 
@@ -268,8 +269,13 @@ def prepare(
         if cfg.selection.density:
             n_patches = len(train_fs) * (size[0] // 8) * (size[1] // 8)
             knn_rows = int(math.ceil(cfg.selection.knn_coreset * n_patches)) if cfg.selection.knn_coreset > 0 else 0
-            frozen.density = DensityHead(spec.channels, size, cfg.selection.density_dims, knn_rows)
+            wide = cfg.selection.density_aggregate
+            frozen.density = DensityHead(spec.channels, size, cfg.selection.density_dims, knn_rows, wide)
             frozen.density.fit(train_fs.feats)
+            if wide:
+                t_wide = time.perf_counter()
+                frozen.density.fit_wide(train_fs.feats)
+                log.info("density head: wide Gaussian (%dx%d) in %.1f s", wide, wide, time.perf_counter() - t_wide)
             if knn_rows:
                 t_knn = time.perf_counter()
                 frozen.density.fit_knn(train_fs.feats, seed=cfg.seed)
@@ -299,6 +305,10 @@ def prepare(
             bootstrap=cfg.selection.bootstrap,
             seed=cfg.seed,
         )
+        if frozen.density is not None and frozen.density.aggregate:
+            from training.selection import choose_wide_blend
+
+            frozen.wide_choice = choose_wide_blend(frozen.density, frozen.selector)
         if knn_rows and frozen.density is not None:
             from training.selection import choose_knn_blend
 
@@ -524,7 +534,8 @@ def fit(
                 if improved:
                     best_signal, best_step = ev.best_signal, step
                     info = {"signal": ev.best_signal, "step": step, "candidates": ev.results, "tie": ev.tie,
-                            "density_knn": frozen.knn_choice, "centre": frozen.centre_choice}  # fmt: skip
+                            "density_knn": frozen.knn_choice, "density_wide": frozen.wide_choice,
+                            "centre": frozen.centre_choice}  # fmt: skip
                     scoring = scoring_state(ev.best, stats, density, info)
                     save_checkpoint(out / BEST, payload(step, scoring))
                 student.train()
@@ -572,6 +583,7 @@ def fit(
             "history": history,
             "paper_recipe": PAPER_RECIPE.name(),
             "density_knn": frozen.knn_choice,
+            "density_wide": frozen.wide_choice,
             "centre": frozen.centre_choice,
         }
         if (out / BEST).is_file():

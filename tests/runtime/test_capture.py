@@ -207,9 +207,9 @@ def test_watchdog_reports_a_stalled_rtsp_camera_down() -> None:
     port = server.getsockname()[1]
     states = _States()
     cam = _cam({"kind": "rtsp", "url": f"rtsp://127.0.0.1:{port}/stream"}, no_frame_timeout_s=0.3)
+    t0 = time.monotonic()  # before start(): the watchdog's clock starts there
     g = FrameGrabber(cam, states).start()
     try:
-        t0 = time.monotonic()
         assert _wait_for(lambda: g.state == "down", 5.0)
         assert 0.3 <= time.monotonic() - t0 < 3.0
         assert g.reconnects == 0  # the watchdog said so, not a failed open

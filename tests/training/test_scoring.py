@@ -320,6 +320,59 @@ def test_density_knn_exports_to_onnx_with_parity(tmp_path) -> None:
     assert np.max(np.abs(got - ref)) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
 
 
+def test_wide_gaussian_is_a_gaussian_of_aggregated_features_blended_in_and_round_trips() -> None:
+    """The wide head equals a plain head fitted and applied on 3x3-averaged maps; share 0 leaves the Gaussian
+    term as it was, share 0.5 mixes the normalised maps; the state round-trips; drop_wide restores the plain head;
+    an even window is refused."""
+    from training.scoring import aggregate_features
+
+    train, test = _feats(12), _feats(3, seed=9)
+    head = DensityHead(CH, SIZE, dims=6, aggregate=3).fit(train)
+    with pytest.raises(ValueError, match="aggregate > 0"):
+        DensityHead(CH, SIZE, dims=6).fit_wide(train)
+    with pytest.raises(ValueError, match="odd window"):
+        DensityHead(CH, SIZE, dims=6, aggregate=2)
+    head.fit_wide(train, batch=5)  # batches must not change the fit: aggregation is per image
+    ref = DensityHead(CH, SIZE, dims=6).fit(aggregate_features(train, 3))
+    wide = ref(*aggregate_features(test, 3))
+    assert torch.allclose(head.wide_map(*test), wide, atol=1e-4)
+    plain = head.mahalanobis(*test)
+    assert not torch.allclose(plain, wide, atol=1e-2)  # the aggregation changes the map
+    assert torch.allclose(head(*test), plain)  # share 0 until chosen
+    head.set_wide_blend(0.5, (1.0, 2.0), (0.5, 4.0))
+    mix = 0.5 * (plain - 1.0) / 2.0 + 0.5 * (wide - 0.5) / 4.0
+    assert torch.allclose(head(*test), mix, atol=1e-4)
+    buf = io.BytesIO()
+    torch.save(scoring_state(ScoreRecipe(density_weight=0.5), None, head, {}), buf)
+    buf.seek(0)
+    back = build_scoring(torch.load(buf), CH, SIZE, 4.0)
+    assert back.density is not None and back.density.aggregate == 3
+    assert torch.allclose(back.density(*test), mix, atol=1e-4)
+    head.drop_wide()
+    assert head.aggregate == 0 and not hasattr(head, "wide_blend")
+    assert torch.allclose(head(*test), plain)
+    assert not any(k.startswith("wide") for k in head.state_dict())
+
+
+def test_wide_gaussian_exports_to_onnx_with_parity(tmp_path) -> None:
+    """The density part with a wide Gaussian (and a kNN blend on top) keeps the part contract, parity 1e-4."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from export.onnx_parts import _AsTuple, export_torch_part
+
+    train = _feats(12)
+    head = DensityHead(CH, SIZE, dims=6, knn=40, aggregate=3).fit(train).fit_wide(train).fit_knn(train)
+    head.set_wide_blend(0.5, (1.0, 2.0), (0.5, 4.0))
+    head.set_blend(0.5, (0.1, 1.5), (0.5, 4.0))
+    test = _feats(2, seed=4)
+    path = tmp_path / "density.onnx"
+    export_torch_part(_AsTuple(head).eval(), "density", tuple(test), path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {n: t.numpy() for n, t in zip(("f1", "f2", "f3"), test, strict=True)})[0]
+    ref = head(*test).detach().numpy()
+    assert np.max(np.abs(got - ref)) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
 @pytest.mark.parametrize("shape", [(3, 1, 64, 64), (2, 1, 256, 256), (2, 1, 130, 70)])
 def test_centre_map_subtracts_each_images_lower_median_of_its_subsample(shape: tuple[int, ...]) -> None:
     from training.scoring import centre_map

@@ -286,6 +286,34 @@ def test_knn_share_is_chosen_by_the_density_maps_own_signal(setup: Setup) -> Non
         selection.choose_knn_blend(setup.density, sel)
 
 
+def test_wide_share_needs_a_gain_above_one_standard_error(setup: Setup) -> None:
+    """choose_wide_blend: the recorded gain and standard error are the selector's paired figures of the plain and
+    the blended map; the blend is kept only when the gain exceeds the standard error (else the wide Gaussian is
+    dropped), and the selector's density maps are the chosen head's."""
+    feats = setup.train.feats
+    head = DensityHead(setup.channels, SIZE, dims=16, aggregate=3).fit(feats).fit_wide(feats)
+    sel = Selector(setup.good, setup.synth, setup.masks, SIZE, SIGMA, setup.stats, head, kinds=setup.kinds)
+    again = DensityHead(setup.channels, SIZE, dims=16, aggregate=3).fit(feats).fit_wide(feats)
+    rec = selection.choose_wide_blend(head, sel)
+    assert rec["window"] == 3 and rec["se"] >= 0
+    gn, wn = tuple(rec["gauss_norm"]), tuple(rec["wide_norm"])
+    again.set_wide_blend(0.0, gn, wn)
+    plain = sel.blurred(again)
+    again.set_wide_blend(0.5, gn, wn)
+    gain, se = sel.paired_gain(plain, sel.blurred(again))
+    assert (rec["gain"], rec["se"]) == pytest.approx((gain, se), abs=1e-6)
+    assert rec["chosen"] == (0.5 if gain > se else 0.0)
+    assert head.aggregate == (3 if rec["chosen"] else 0)
+    assert sel.density_maps is not None and torch.allclose(sel.density_maps, sel.blurred(head))
+    # a share the signal rejects for sure: a wide map of pure noise is dropped
+    noisy = DensityHead(setup.channels, SIZE, dims=16, aggregate=3).fit(feats).fit_wide(feats)
+    torch.manual_seed(0)
+    noisy.wide_map = lambda f1, f2, f3: torch.rand(len(f1), 1, SIZE[0] // 8, SIZE[1] // 8)  # type: ignore[method-assign]
+    assert selection.choose_wide_blend(noisy, sel)["chosen"] == 0.0 and noisy.aggregate == 0
+    with pytest.raises(ValueError, match="wide Gaussian"):
+        selection.choose_wide_blend(setup.density, sel)
+
+
 @pytest.mark.parametrize("density_weight", [0.0, 0.5])
 def test_a_centred_selector_scores_as_the_built_centred_scorer(
     setup: Setup, monkeypatch: pytest.MonkeyPatch, density_weight: float
