@@ -468,9 +468,10 @@ def choose_wide_blend(density: DensityHead, selector: Selector, share: float = W
     The signal sees both what the wider neighbourhood gains (large, low-contrast defects) and what it costs (thin
     defects smeared), but its margins are often inside its noise; a choice that costs a second Gaussian at run time
     must be clear, as per-image centring's must (:func:`choose_centring`). ``benchmarks/aggregate_signal.py``
-    checked the rule on validation images before it was built: it refused the blend on every 128 px seed of
-    magnetic_tile, kolektorsdd and elpv_mono (where the test sets say it costs AUPRO) and chose it on 2 of 3 seeds
-    of magnetic_tile and kolektorsdd at 256 px (where the test sets say it gains). Call before
+    checked the rule on validation images before it was built. With every train/good image (76 / 28 validation
+    images on magnetic_tile / kolektorsdd) it refused the blend on every 128 px seed, where the test sets say it
+    costs AUPRO, and chose it on 2 of 3 seeds of both sets at 256 px, where the test sets say it gains. With the
+    peers' 200 images (20 validation images) the standard error is 2-3x larger and it refused all 15 runs. Call before
     :func:`choose_knn_blend`, which blends its kNN map into the term chosen here. Returns the record written to
     ``selection.json``.
     """
