@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from fusion_diagnosis import feats_of
 
 from training.backbones import get_spec
@@ -41,19 +40,12 @@ from training.build import build_model
 from training.config import load_train_config
 from training.data import discover
 from training.metrics import aupro, auroc
-from training.scoring import DensityHead, UpBlur
+from training.scoring import DensityHead, UpBlur, aggregate_features
 from training.selection import _norm
 from training.train import prepare, resolve_shape
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MAPS = ("k1", "k3", "blend")
-
-
-def aggregate(feats: list[torch.Tensor], k: int) -> list[torch.Tensor]:
-    """Each map averaged over its ``k x k`` neighbourhood, zero padding not counted (PatchCore)."""
-    if k == 1:
-        return [f.float() for f in feats]
-    return [F.avg_pool2d(f.float(), k, stride=1, padding=k // 2, count_include_pad=False) for f in feats]
 
 
 def _num(v: float) -> float | None:
@@ -75,10 +67,10 @@ def run(data: Path, px: int, seed: int, max_images: int | None) -> dict:
     assert sel is not None and g1_head is not None
     n_good = len(sel.good)
     channels = get_spec(cfg.model.backbone).channels
-    g3_head = DensityHead(channels, hw, cfg.selection.density_dims).fit(aggregate(train, 3))
+    g3_head = DensityHead(channels, hw, cfg.selection.density_dims).fit(aggregate_features(train, 3))
 
     def head_k3(f1: torch.Tensor, f2: torch.Tensor, f3: torch.Tensor) -> torch.Tensor:
-        return g3_head.gaussian(*aggregate([f1, f2, f3], 3))
+        return g3_head.gaussian(*aggregate_features([f1, f2, f3], 3))
 
     val = {"k1": sel.blurred(g1_head.gaussian), "k3": sel.blurred(head_k3)}
     n1, n3 = _norm(val["k1"][:n_good]), _norm(val["k3"][:n_good])

@@ -50,7 +50,7 @@ from training.build import build_model
 from training.config import load_train_config
 from training.data import ImageDataset, discover
 from training.metrics import aupro, auroc
-from training.scoring import Blur, DensityHead
+from training.scoring import Blur, DensityHead, aggregate_features
 from training.train import collate
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -94,11 +94,8 @@ def _num(v: float) -> float | None:
 
 
 def aggregate(feats: list[torch.Tensor], k: int) -> list[torch.Tensor]:
-    """Each ``(N, C_k, h, w)`` map averaged over its ``k x k`` neighbourhood (PatchCore's local aggregation; the
-    zero padding is not counted, so border positions average fewer cells); ``k = 1`` returns the maps unchanged."""
-    if k == 1:
-        return feats
-    return [F.avg_pool2d(f.float(), k, stride=1, padding=k // 2, count_include_pad=False) for f in feats]
+    """:func:`training.scoring.aggregate_features` of the maps in float32 (``k = 1``: the maps unchanged)."""
+    return feats if k == 1 else aggregate_features([f.float() for f in feats], k)
 
 
 @torch.no_grad()

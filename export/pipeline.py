@@ -281,12 +281,11 @@ def _wide_choice(record: dict[str, Any] | None, uses_density: bool) -> dict[str,
     if not record or not uses_density:
         return {}
     k = int(record["window"])
-    out = {
+    return {
         "density.wide_share": f"{float(record['chosen']):g}",
         "density.wide_window": f"{k}x{k}" if float(record["chosen"]) > 0 else "none (plain Gaussian)",
         "density.wide_signal_gain": f"{record['gain']:+.4f} (se {record['se']:.4f})",
     }
-    return out
 
 
 def _centre_choice(record: dict[str, Any] | None) -> dict[str, str]:

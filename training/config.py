@@ -130,8 +130,8 @@ class SelectionConfig(_Strict):
         ge=0,
         le=9,
         description="window of the density head's wide Gaussian candidate: a second per-position Gaussian on the "
-        "teacher maps averaged over k x k (PatchCore's local aggregation), blended in (share 0 or 0.5) only if the "
-        "validation signal rates the blend higher; an odd window, or 0: no candidate",
+        "teacher maps averaged over k x k (PatchCore's local aggregation), blended in at share 0.5 only if the "
+        "validation signal gains more than one bootstrap standard error from it; an odd window, or 0: no candidate",
     )
     centre: Literal["auto", "on", "off"] = Field(
         "auto",

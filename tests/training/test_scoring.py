@@ -270,6 +270,27 @@ def test_recipe_dict_round_trip_and_names() -> None:
     assert PAPER_RECIPE.name() == "s[1,1,1] raw max" and not PAPER_RECIPE.uses_density
 
 
+def _density_onnx_and_torch(head: DensityHead, test: list[torch.Tensor], tmp_path) -> tuple[np.ndarray, np.ndarray]:
+    """``head`` exported as the bundle's density part (f1, f2, f3 -> density_map): ONNX Runtime's and torch's maps."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from export.onnx_parts import _AsTuple, export_torch_part  # the wrapper the bundle's density part gets
+
+    path = tmp_path / "density.onnx"
+    export_torch_part(_AsTuple(head).eval(), "density", tuple(test), path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {n: t.numpy() for n, t in zip(("f1", "f2", "f3"), test, strict=True)})[0]
+    return got, head(*test).detach().numpy()
+
+
+def _through_checkpoint(state: dict) -> dict:
+    """A scoring state saved and loaded the way a checkpoint is."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf)
+
+
 def test_density_knn_bank_is_a_coreset_and_its_map_the_nearest_patch_distance() -> None:
     """The kNN map equals a brute-force nearest-neighbour distance to the bank; a training patch is at distance 0;
     the blend mixes the normalised maps; the state (bank included) round-trips through a checkpoint."""
@@ -293,30 +314,17 @@ def test_density_knn_bank_is_a_coreset_and_its_map_the_nearest_patch_distance() 
     mix = 0.5 * (head.gaussian(*test) - 1.0) / 2.0 + 0.5 * (ref - 0.5) / 4.0
     assert torch.allclose(head(*test), mix, atol=1e-4)
     recipe = ScoreRecipe(density_weight=0.5)
-    state = scoring_state(recipe, None, head, {})
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    back = build_scoring(torch.load(buf), CH, SIZE, 4.0)
+    back = build_scoring(_through_checkpoint(scoring_state(recipe, None, head, {})), CH, SIZE, 4.0)
     assert back.density is not None and back.density.knn == 40
     assert torch.allclose(back.density(*test), head(*test), atol=1e-6)
 
 
 def test_density_knn_exports_to_onnx_with_parity(tmp_path) -> None:
     """The blended head is one ONNX part with the density contract (f1, f2, f3 -> density_map), parity 1e-4."""
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
-    from export.onnx_parts import _AsTuple, export_torch_part  # the wrapper the bundle's density part gets
-
     train = _feats(12)
     head = DensityHead(CH, SIZE, dims=6, knn=40).fit(train).fit_knn(train)
     head.set_blend(0.5, (1.0, 2.0), (0.5, 4.0))
-    test = _feats(2, seed=4)
-    path = tmp_path / "density.onnx"
-    export_torch_part(_AsTuple(head).eval(), "density", tuple(test), path)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {n: t.numpy() for n, t in zip(("f1", "f2", "f3"), test, strict=True)})[0]
-    ref = head(*test).detach().numpy()
+    got, ref = _density_onnx_and_torch(head, _feats(2, seed=4), tmp_path)
     assert np.max(np.abs(got - ref)) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
 
 
@@ -342,10 +350,9 @@ def test_wide_gaussian_is_a_gaussian_of_aggregated_features_blended_in_and_round
     head.set_wide_blend(0.5, (1.0, 2.0), (0.5, 4.0))
     mix = 0.5 * (plain - 1.0) / 2.0 + 0.5 * (wide - 0.5) / 4.0
     assert torch.allclose(head(*test), mix, atol=1e-4)
-    buf = io.BytesIO()
-    torch.save(scoring_state(ScoreRecipe(density_weight=0.5), None, head, {}), buf)
-    buf.seek(0)
-    back = build_scoring(torch.load(buf), CH, SIZE, 4.0)
+    back = build_scoring(
+        _through_checkpoint(scoring_state(ScoreRecipe(density_weight=0.5), None, head, {})), CH, SIZE, 4.0
+    )
     assert back.density is not None and back.density.aggregate == 3
     assert torch.allclose(back.density(*test), mix, atol=1e-4)
     head.drop_wide()
@@ -356,20 +363,11 @@ def test_wide_gaussian_is_a_gaussian_of_aggregated_features_blended_in_and_round
 
 def test_wide_gaussian_exports_to_onnx_with_parity(tmp_path) -> None:
     """The density part with a wide Gaussian (and a kNN blend on top) keeps the part contract, parity 1e-4."""
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnx")
-    from export.onnx_parts import _AsTuple, export_torch_part
-
     train = _feats(12)
     head = DensityHead(CH, SIZE, dims=6, knn=40, aggregate=3).fit(train).fit_wide(train).fit_knn(train)
     head.set_wide_blend(0.5, (1.0, 2.0), (0.5, 4.0))
     head.set_blend(0.5, (0.1, 1.5), (0.5, 4.0))
-    test = _feats(2, seed=4)
-    path = tmp_path / "density.onnx"
-    export_torch_part(_AsTuple(head).eval(), "density", tuple(test), path)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {n: t.numpy() for n, t in zip(("f1", "f2", "f3"), test, strict=True)})[0]
-    ref = head(*test).detach().numpy()
+    got, ref = _density_onnx_and_torch(head, _feats(2, seed=4), tmp_path)
     assert np.max(np.abs(got - ref)) <= 1e-4 * max(1.0, float(np.abs(ref).max()))
 
 
